@@ -1,0 +1,275 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace chattts {
+namespace {
+
+template <typename T>
+void grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+// xoshiro256**: small, fast, and the same stream on every platform for a given seed.
+inline uint64_t next_u64(uint64_t* s) {
+  uint64_t result = rotl(s[1] * 5, 7) * 9;
+  uint64_t t = s[1] << 17;
+  s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+  s[2] ^= t; s[3] = rotl(s[3], 45);
+  return result;
+}
+
+}  // namespace
+
+Engine::Engine(const EngineSpec& spec) : spec_(spec) {
+  if (spec_.layers.empty()) throw Error("engine spec has no layers");
+  if (spec_.max_context < 2) throw Error("max_context must be at least 2");
+  if (spec_.max_batch < 1) throw Error("max_batch must be at least 1");
+  embed_ = std::make_unique<Session>(spec_.embed, spec_.device, spec_.threads);
+  for (auto& p : spec_.layers) layers_.push_back(std::make_unique<Session>(p, spec_.device, spec_.threads));
+  head_code_ = std::make_unique<Session>(spec_.head_code, spec_.device, spec_.threads);
+  head_text_ = std::make_unique<Session>(spec_.head_text, spec_.device, spec_.threads);
+  sample_ = std::make_unique<Session>(spec_.sample, spec_.device, spec_.threads);
+  K_.resize(layers_.size());
+  V_.resize(layers_.size());
+  // The KV cache for max_batch rows at max_context is allocated here, once.
+  ensure_capacity(spec_.max_batch, 1);
+}
+
+const Session& Engine::session(const std::string& which, int layer) const {
+  if (which == "embed") return *embed_;
+  if (which == "head_code") return *head_code_;
+  if (which == "head_text") return *head_text_;
+  if (which == "sample") return *sample_;
+  if (which == "layer") {
+    if (layer < 0 || size_t(layer) >= layers_.size()) throw Error("no layer " + std::to_string(layer));
+    return *layers_[layer];
+  }
+  throw Error("no block named " + which);
+}
+
+void Engine::ensure_capacity(int64_t B, int64_t T) {
+  const int64_t E = spec_.hidden, D = spec_.head_dim, HD = int64_t(spec_.heads) * D;
+  S_max_ = spec_.max_context;
+  const int64_t kv = S_max_ * B * HD;
+  if (kv > kv_capacity_) {
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      K_[l].assign(size_t(kv), 0.0f);
+      V_[l].assign(size_t(kv), 0.0f);
+    }
+    kv_capacity_ = kv;
+  }
+  const int64_t N = B * std::max<int64_t>(spec_.num_vq, 1);
+  const int64_t Vmax = std::max<int64_t>(spec_.vocab_code, spec_.vocab_text);
+  grow(ids_, size_t(B * T * 4));
+  grow(text_mask_, size_t(B * T));
+  grow(pos_, size_t(B * T));
+  grow(key_valid_, size_t(B * S_max_));
+  grow(key_mask_, size_t(B * S_max_));
+  grow(speaker_, size_t(B * E));
+  grow(h0_, size_t(B * T * E));
+  grow(h1_, size_t(B * T * E));
+  grow(cos_, size_t(B * T * D));
+  grow(sin_, size_t(B * T * D));
+  grow(bias_, size_t(std::max(B * T * T, B * S_max_)));
+  grow(logits_, size_t(B * std::max<int64_t>(int64_t(spec_.num_vq) * spec_.vocab_code, spec_.vocab_text)));
+  grow(last_hidden_, size_t(B * E));
+  grow(temperature_, size_t(N));
+  grow(history_, size_t(N * 16));
+  grow(next_ids_, size_t(N));
+  grow(noise_, size_t(N * Vmax));
+}
+
+void Engine::start(GenerationSpec g) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t B = g.batch, T = g.prompt_len, E = spec_.hidden;
+  if (B < 1 || T < 1) throw Error("empty batch or prompt");
+  if (int64_t(g.input_ids.size()) != B * T * 4) throw Error("input_ids must be [B, T, 4]");
+  if (int64_t(g.attention_mask.size()) != B * T) throw Error("attention_mask must be [B, T]");
+  if (int64_t(g.speaker.size()) != B * E) throw Error("speaker must be [B, hidden]");
+  if (T >= spec_.max_context)
+    throw Error("prompt of " + std::to_string(T) + " tokens does not fit max_context=" +
+                std::to_string(spec_.max_context));
+  const int64_t k = g.text_mode ? 1 : spec_.num_vq;
+  const int64_t N = B * k, V = g.text_mode ? spec_.vocab_text : spec_.vocab_code;
+  if (int64_t(g.temperature.size()) != k) throw Error("temperature must have one value per codebook");
+  if (!g.noise.empty() && int64_t(g.noise.size()) != g.noise_steps * N * V)
+    throw Error("noise must be [steps, N, V]");
+  ensure_capacity(B, T);
+
+  g_ = std::move(g);
+  B_ = B; T_ = T; P_ = 0; step_ = 0;
+  for (int64_t n = 0; n < N; ++n) temperature_[n] = g_.temperature[n % k];
+  std::fill(history_.begin(), history_.begin() + N * 16, int64_t(-1));
+  std::copy(g_.speaker.begin(), g_.speaker.end(), speaker_.begin());
+  penalty_ = g_.repetition_penalty; top_p_ = g_.top_p; top_k_ = g_.top_k; eos_id_ = g_.eos_id;
+  last_pos_.assign(size_t(B), 0);
+  finished_.assign(size_t(B), 0);
+  std::fill(key_valid_.begin(), key_valid_.begin() + B * S_max_, int64_t(0));
+  uint64_t seed = g_.seed;
+  for (auto& s : rng_) s = splitmix64(seed);
+  if (g_.greedy) std::fill(noise_.begin(), noise_.begin() + N * V, 1.0f);
+  run_opts_.UnsetTerminate();
+  active_ = true;
+}
+
+void Engine::fill_noise(int64_t n_rows, int64_t vocab) {
+  // Exp(1) noise: -log(u), u uniform in (0, 1]; floored so p / q never divides by zero.
+  const int64_t n = n_rows * vocab;
+  for (int64_t i = 0; i < n; ++i) {
+    double u = double((next_u64(rng_) >> 11) + 1) * (1.0 / 9007199254740992.0);
+    noise_[i] = std::max(float(-std::log(u)), 1e-30f);
+  }
+}
+
+void Engine::reset() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  active_ = false;
+  g_.noise.clear();
+  g_.noise.shrink_to_fit();
+}
+
+void Engine::terminate() { run_opts_.SetTerminate(); }
+
+StepResult Engine::step(bool return_hidden) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!active_) throw Error("no generation in progress");
+  StepResult res;
+  const bool text = g_.text_mode;
+  const int64_t B = B_, E = spec_.hidden, D = spec_.head_dim, H = spec_.heads;
+  const int64_t k = text ? 1 : spec_.num_vq;
+  const int64_t N = B * k, V = text ? spec_.vocab_text : spec_.vocab_code;
+  const bool first = (step_ == 0);
+  const int64_t S = first ? T_ : 1, P = P_, L = P + S;
+
+  // 1. Inputs of this step.
+  if (first) {
+    std::copy(g_.input_ids.begin(), g_.input_ids.end(), ids_.begin());
+    std::fill(text_mask_.begin(), text_mask_.begin() + B * S, uint8_t(1));
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t c = 0;
+      for (int64_t t = 0; t < S; ++t) {
+        const int64_t m = g_.attention_mask[b * S + t];
+        c += m;
+        pos_[b * S + t] = m ? c - 1 : 1;  // padded slots get 1, as transformers/ChatTTS do
+        key_valid_[b * S_max_ + t] = m;
+      }
+      last_pos_[b] = pos_[b * S + S - 1];
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < 4; ++i) ids_[b * 4 + i] = next_ids_[text ? b : b * k + (i % k)];
+      text_mask_[b] = text ? 1 : 0;
+      pos_[b] = ++last_pos_[b];
+      key_valid_[b * S_max_ + P] = 1;
+    }
+  }
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(&key_mask_[b * L], &key_valid_[b * S_max_], size_t(L) * sizeof(int64_t));
+
+  // 2. Embedding (+ rotary tables and the attention bias shared by every layer).
+  embed_->bind_input("input_ids", view(ids_.data(), {B, S, 4}));
+  embed_->bind_input("text_mask", view(reinterpret_cast<bool*>(text_mask_.data()), {B, S}));
+  embed_->bind_input("speaker", view(speaker_.data(), {B, E}));
+  embed_->bind_input("position_ids", view(pos_.data(), {B, S}));
+  embed_->bind_input("key_mask", view(key_mask_.data(), {B, L}));
+  embed_->bind_output("hidden", view(h0_.data(), {B, S, E}));
+  embed_->bind_output("cos", view(cos_.data(), {B, S, D}));
+  embed_->bind_output("sin", view(sin_.data(), {B, S, D}));
+  embed_->bind_output("attn_bias", view(bias_.data(), {B, 1, S, L}));
+  embed_->run(run_opts_);
+
+  // 3. The layer chain; each present K/V lands in its slot of the cache.
+  Ort::Value cos = view(cos_.data(), {B, S, D}), sin = view(sin_.data(), {B, S, D});
+  Ort::Value bias = view(bias_.data(), {B, 1, S, L});
+  float* cur = h0_.data();
+  float* nxt = h1_.data();
+  const int64_t slot = P * B * H * D;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Session& s = *layers_[l];
+    s.bind_input("hidden", view(cur, {B, S, E}));
+    s.bind_input("cos", cos);
+    s.bind_input("sin", sin);
+    s.bind_input("attn_bias", bias);
+    s.bind_input("past_key", view(K_[l].data(), {P, B, H, D}));
+    s.bind_input("past_value", view(V_[l].data(), {P, B, H, D}));
+    s.bind_output("hidden_out", view(nxt, {B, S, E}));
+    s.bind_output("present_key", view(K_[l].data() + slot, {S, B, H, D}));
+    s.bind_output("present_value", view(V_[l].data() + slot, {S, B, H, D}));
+    s.run(run_opts_);
+    std::swap(cur, nxt);
+  }
+
+  // 4. Head: logits of the last position and the final hidden state.
+  Session& head = text ? *head_text_ : *head_code_;
+  head.bind_input("hidden", view(cur, {B, S, E}));
+  if (text)
+    head.bind_output("logits", view(logits_.data(), {B, V}));
+  else
+    head.bind_output("logits", view(logits_.data(), {B, k, V}));
+  head.bind_output("last_hidden", view(last_hidden_.data(), {B, E}));
+  head.run(run_opts_);
+
+  // 5. Sample head: temperature, repetition penalty, top-p, top-k, EOS gate, draw.
+  float* noise = noise_.data();
+  if (!g_.noise.empty()) {
+    if (step_ >= g_.noise_steps) throw Error("the supplied noise covers only " + std::to_string(g_.noise_steps) + " steps");
+    noise = g_.noise.data() + step_ * N * V;
+  } else if (!g_.greedy) {
+    fill_noise(N, V);
+  }
+  block_eos_ = step_ < g_.min_new_token;
+  sample_->bind_input("logits", view(logits_.data(), {N, V}));
+  sample_->bind_input("temperature", view(temperature_.data(), {N}));
+  sample_->bind_input("penalty", view(&penalty_, {}));
+  sample_->bind_input("history", view(history_.data(), {N, 16}));
+  sample_->bind_input("top_p", view(&top_p_, {}));
+  sample_->bind_input("top_k", view(&top_k_, {}));
+  sample_->bind_input("eos_id", view(&eos_id_, {}));
+  sample_->bind_input("block_eos", view(&block_eos_, {}));
+  sample_->bind_input("noise", view(noise, {N, V}));
+  sample_->bind_output("next_ids", view(next_ids_.data(), {N}));
+  sample_->run(run_opts_);
+
+  // 6. Stop logic: a row ends when any of its codes is EOS (that frame is dropped).
+  res.step = step_;
+  for (int64_t b = 0; b < B; ++b) {
+    if (finished_[b]) continue;
+    bool eos = false;
+    for (int64_t i = 0; i < k; ++i) eos |= (next_ids_[b * k + i] == eos_id_);
+    if (eos) {
+      finished_[b] = 1;
+      res.ended_rows.push_back(int32_t(b));
+      continue;
+    }
+    res.rows.push_back(int32_t(b));
+    for (int64_t i = 0; i < k; ++i) res.ids.push_back(next_ids_[b * k + i]);
+    if (return_hidden) res.hidden.insert(res.hidden.end(), &last_hidden_[b * E], &last_hidden_[(b + 1) * E]);
+  }
+  for (int64_t n = 0; n < N; ++n) history_[n * 16 + (step_ % 16)] = next_ids_[n];
+  P_ = L;
+  ++step_;
+
+  bool all_done = std::all_of(finished_.begin(), finished_.end(), [](uint8_t f) { return f != 0; });
+  if (all_done) res.stop_reason = "eos";
+  else if (step_ >= g_.max_new_token) res.stop_reason = "max_new_token";
+  else if (P_ + 1 > S_max_) res.stop_reason = "context_full";
+  if (!res.stop_reason.empty()) {
+    res.done = true;
+    active_ = false;
+  }
+  return res;
+}
+
+}  // namespace chattts

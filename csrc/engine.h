@@ -1,0 +1,100 @@
+// The decode loop: embedding -> layers -> head -> sample head, all ONNX sessions, all in C++.
+//
+// Every buffer is allocated when a generation starts (grown only if a bigger batch or context than any
+// before it arrives) and reused by every step: the KV cache of layer l lives in K_[l] / V_[l] as
+// [S_max, B, H, D] (sequence outermost), so the first P positions are one contiguous "past" view and the
+// S new positions are the contiguous slot right after it. Each layer graph reads the past view and writes
+// its present K/V straight into that slot through IO binding: no step allocates or copies the cache.
+#pragma once
+
+#include "session.h"
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace chattts {
+
+struct EngineSpec {
+  std::string embed, head_code, head_text, sample;
+  std::vector<std::string> layers;
+  int hidden = 768, heads = 12, head_dim = 64, num_vq = 4;
+  int vocab_code = 626, vocab_text = 21178;
+  int64_t max_context = 2048;
+  int max_batch = 1;
+  std::string device = "cpu";
+  int threads = 0;
+};
+
+struct GenerationSpec {
+  bool text_mode = false;              // false: audio codes (code heads); true: text head
+  int64_t batch = 1, prompt_len = 0;
+  std::vector<int64_t> input_ids;      // [B, T, 4], left padded
+  std::vector<int64_t> attention_mask; // [B, T], 1 = token, 0 = padding
+  std::vector<float> speaker;          // [B, E]; zeros where a row has no speaker
+  std::vector<float> temperature;      // [num_vq] (audio) or [1] (text)
+  float repetition_penalty = 1.0f, top_p = 0.7f;
+  int64_t top_k = 20, max_new_token = 2048, min_new_token = 0, eos_id = 625;
+  bool greedy = false;
+  uint64_t seed = 0;
+  std::vector<float> noise;            // optional [steps, N, V] Exp(1) noise; empty -> seeded generator
+  int64_t noise_steps = 0;
+};
+
+// What one step produced. Frames of rows that ended at this step (EOS) are not included.
+struct StepResult {
+  int64_t step = -1;
+  std::vector<int32_t> rows;       // batch row of each frame
+  std::vector<int64_t> ids;        // [frames, k], k = num_vq (audio) or 1 (text)
+  std::vector<float> hidden;       // [frames, E] when asked
+  std::vector<int32_t> ended_rows; // rows that hit EOS at this step
+  bool done = false;
+  std::string stop_reason;         // "eos", "max_new_token", "context_full" when done
+};
+
+class Engine {
+ public:
+  explicit Engine(const EngineSpec& spec);
+  const EngineSpec& spec() const { return spec_; }
+  const Session& session(const std::string& which, int layer = 0) const;
+
+  void start(GenerationSpec g);
+  StepResult step(bool return_hidden);   // the first call runs the prefill
+  bool active() const { return active_; }
+  void reset();                          // ends the generation; buffers stay for the next one
+  void terminate();                      // from another thread: cut a Run in flight
+
+ private:
+  void ensure_capacity(int64_t batch, int64_t prompt_len);
+  void fill_noise(int64_t n_rows, int64_t vocab);
+
+  EngineSpec spec_;
+  std::unique_ptr<Session> embed_, head_code_, head_text_, sample_;
+  std::vector<std::unique_ptr<Session>> layers_;
+  Ort::RunOptions run_opts_;
+  std::mutex mutex_;
+
+  // KV buffers and per-step work buffers (see the comment at the top).
+  int64_t kv_capacity_ = 0;  // floats per buffer
+  std::vector<std::vector<float>> K_, V_;
+  std::vector<int64_t> ids_, pos_, key_mask_, key_valid_, history_, next_ids_;
+  std::vector<uint8_t> text_mask_;
+  std::vector<float> speaker_, h0_, h1_, cos_, sin_, bias_, logits_, last_hidden_;
+  std::vector<float> temperature_, noise_;
+  float penalty_ = 1.0f, top_p_ = 0.7f;
+  int64_t top_k_ = 20, eos_id_ = 625;
+  bool block_eos_ = false;
+
+  // Generation state.
+  GenerationSpec g_;
+  bool active_ = false;
+  int64_t B_ = 0, T_ = 0, P_ = 0, step_ = 0, S_max_ = 0;
+  std::vector<int64_t> last_pos_;
+  std::vector<uint8_t> finished_;
+  uint64_t rng_[4] = {0, 0, 0, 0};
+};
+
+}  // namespace chattts

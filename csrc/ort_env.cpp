@@ -1,0 +1,119 @@
+#include "ort_env.h"
+
+#include <dlfcn.h>
+#include <sys/stat.h>
+
+#include <memory>
+#include <mutex>
+
+namespace chattts {
+namespace {
+
+std::mutex g_mutex;
+void* g_handle = nullptr;
+const OrtApiBase* g_base = nullptr;
+std::string g_path;
+std::unique_ptr<Ort::Env> g_env;
+int g_env_threads = -1;
+
+void require_ready() {
+  if (!g_base) throw Error("ONNX Runtime is not loaded: call chattts_ort._core.init_runtime(path) first");
+}
+
+}  // namespace
+
+void init_runtime(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_base) {
+    if (path != g_path)
+      throw Error("ONNX Runtime already loaded from " + g_path + "; cannot load a second copy from " + path);
+    return;
+  }
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw Error("libonnxruntime not found: " + path);
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!handle) {
+    const char* why = dlerror();
+    throw Error("cannot load libonnxruntime " + path + ": " + (why ? why : "unknown dlopen error"));
+  }
+  using GetApiBaseFn = const OrtApiBase* (*)();
+  auto get_base = reinterpret_cast<GetApiBaseFn>(dlsym(handle, "OrtGetApiBase"));
+  if (!get_base) {
+    dlclose(handle);
+    throw Error(path + " is not an ONNX Runtime library (no OrtGetApiBase symbol)");
+  }
+  const OrtApiBase* base = get_base();
+  const OrtApi* api = base ? base->GetApi(ORT_API_VERSION) : nullptr;
+  if (!api) {
+    dlclose(handle);
+    throw Error(path + " (ONNX Runtime " + std::string(base ? base->GetVersionString() : "?") +
+                ") does not provide C API version " + std::to_string(ORT_API_VERSION));
+  }
+  Ort::InitApi(api);
+  g_handle = handle;
+  g_base = base;
+  g_path = path;
+}
+
+bool runtime_ready() { return g_base != nullptr; }
+std::string runtime_library_path() { return g_path; }
+
+std::string runtime_version() {
+  require_ready();
+  return g_base->GetVersionString();
+}
+
+std::vector<std::string> available_providers() {
+  require_ready();
+  return Ort::GetAvailableProviders();
+}
+
+Ort::Env& env(int threads) {
+  require_ready();
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_env) {
+    Ort::ThreadingOptions tp;
+    tp.SetGlobalIntraOpNumThreads(threads > 0 ? threads : 0);
+    tp.SetGlobalInterOpNumThreads(1);
+    // Spinning keeps a worker hot between the short back-to-back Runs of one decode step.
+    tp.SetGlobalSpinControl(1);
+    g_env = std::make_unique<Ort::Env>(tp, ORT_LOGGING_LEVEL_ERROR, "chattts-ort");
+    g_env_threads = threads;
+  }
+  return *g_env;
+}
+
+int env_threads() { return g_env_threads; }
+
+Ort::SessionOptions make_session_options(const std::string& device, int threads) {
+  env(threads);
+  Ort::SessionOptions so;
+  so.DisablePerSessionThreads();
+  so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+  so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
+  if (device.rfind("cuda", 0) == 0) {
+    int device_id = 0;
+    if (device.size() > 5 && device[4] == ':') device_id = std::stoi(device.substr(5));
+    auto providers = available_providers();
+    bool has_cuda = false;
+    for (auto& p : providers) has_cuda |= (p == "CUDAExecutionProvider");
+    if (!has_cuda)
+      throw Error("device='" + device + "' asked for, but this onnxruntime build has no CUDAExecutionProvider "
+                  "(install onnxruntime-gpu)");
+    const OrtApi& api = Ort::GetApi();
+    OrtCUDAProviderOptionsV2* cuda = nullptr;
+    Ort::ThrowOnError(api.CreateCUDAProviderOptions(&cuda));
+    std::unique_ptr<OrtCUDAProviderOptionsV2, void (*)(OrtCUDAProviderOptionsV2*)> guard(
+        cuda, [](OrtCUDAProviderOptionsV2* p) { Ort::GetApi().ReleaseCUDAProviderOptions(p); });
+    std::string id = std::to_string(device_id);
+    const char* keys[] = {"device_id"};
+    const char* values[] = {id.c_str()};
+    Ort::ThrowOnError(api.UpdateCUDAProviderOptions(cuda, keys, values, 1));
+    so.AppendExecutionProvider_CUDA_V2(*cuda);
+  } else if (device != "cpu") {
+    throw Error("unknown device '" + device + "' (use 'cpu' or 'cuda[:N]')");
+  }
+  return so;
+}
+
+}  // namespace chattts

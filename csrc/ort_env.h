@@ -1,0 +1,39 @@
+// Loading ONNX Runtime at run time and the process-wide Ort::Env.
+//
+// Nothing links to libonnxruntime: the Python side finds the library inside the installed onnxruntime
+// wheel (CPU or GPU build) and hands us its path; we dlopen it, take OrtGetApiBase and ask for the API
+// version our headers were written for (ORT_API_MANUAL_INIT). One build so serves both wheels.
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace chattts {
+
+// Raised for every error that should reach Python as a RuntimeError with a clear message.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Loads the library at `path` once per process. Throws Error when the file is missing, is not an
+// ONNX Runtime library, or is older than the API version we need. Later calls with another path throw.
+void init_runtime(const std::string& path);
+bool runtime_ready();
+std::string runtime_library_path();
+std::string runtime_version();                 // base->GetVersionString(), never Ort::GetVersionString()
+std::vector<std::string> available_providers();
+
+// The one Env of the process. Created on first use with a global intra-op pool of `threads` threads
+// (0 = ONNX Runtime's default); every session shares it, so the threads of 23 chained sessions do not
+// spin against each other. The thread count is fixed by the first caller.
+Ort::Env& env(int threads);
+int env_threads();
+
+// Session options every session of ours uses: global threads, full graph optimisation, and the
+// execution provider ("cpu" or "cuda[:N]").
+Ort::SessionOptions make_session_options(const std::string& device, int threads);
+
+}  // namespace chattts

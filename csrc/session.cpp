@@ -1,0 +1,89 @@
+#include "session.h"
+
+namespace chattts {
+
+const char* dtype_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    default: return "unsupported";
+  }
+}
+
+size_t dtype_size(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return 2;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return 1;
+    default: throw Error("unsupported tensor element type " + std::to_string(int(t)));
+  }
+}
+
+static const Ort::MemoryInfo& cpu_memory() {
+  static Ort::MemoryInfo info = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  return info;
+}
+
+Ort::Value view(void* data, ONNXTensorElementDataType type, const std::vector<int64_t>& shape) {
+  size_t n = 1;
+  for (auto d : shape) n *= size_t(d);
+  return Ort::Value::CreateTensor(cpu_memory(), data, n * dtype_size(type), shape.data(), shape.size(), type);
+}
+
+template <>
+Ort::Value view<float>(float* d, const std::vector<int64_t>& s) { return view(d, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, s); }
+template <>
+Ort::Value view<int64_t>(int64_t* d, const std::vector<int64_t>& s) { return view(d, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, s); }
+template <>
+Ort::Value view<bool>(bool* d, const std::vector<int64_t>& s) { return view(d, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL, s); }
+
+static std::vector<TensorInfo> describe(Ort::Session& s, bool inputs) {
+  std::vector<TensorInfo> out;
+  Ort::AllocatorWithDefaultOptions alloc;
+  size_t n = inputs ? s.GetInputCount() : s.GetOutputCount();
+  for (size_t i = 0; i < n; ++i) {
+    auto name = inputs ? s.GetInputNameAllocated(i, alloc) : s.GetOutputNameAllocated(i, alloc);
+    auto ti = inputs ? s.GetInputTypeInfo(i) : s.GetOutputTypeInfo(i);
+    TensorInfo info{name.get(), ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}};
+    if (ti.GetONNXType() == ONNX_TYPE_TENSOR) {
+      auto tsi = ti.GetTensorTypeAndShapeInfo();
+      info.type = tsi.GetElementType();
+      info.shape = tsi.GetShape();
+    }
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+Session::Session(const std::string& path, const std::string& device, int threads) : path_(path) {
+  try {
+    Ort::SessionOptions so = make_session_options(device, threads);
+    session_ = Ort::Session(env(threads), path.c_str(), so);
+    binding_ = Ort::IoBinding(session_);
+    inputs_ = describe(session_, true);
+    outputs_ = describe(session_, false);
+  } catch (const Ort::Exception& e) {
+    throw Error("cannot load ONNX graph " + path + ": " + e.what());
+  }
+}
+
+void Session::run(Ort::RunOptions& opts) {
+  try {
+    session_.Run(opts, binding_);
+  } catch (const Ort::Exception& e) {
+    throw Error("running " + path_ + " failed: " + e.what());
+  }
+}
+
+}  // namespace chattts
