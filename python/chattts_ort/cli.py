@@ -1,0 +1,164 @@
+"""`chattts-ort` command line: export, verify, quantize, demo, bench, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _cmd_info(args) -> int:
+    from . import __version__
+    from ._native import runtime_info
+
+    info = {"chattts_ort": __version__}
+    info.update(runtime_info())
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_model
+
+    rep = export_model(args.src, args.out, force=args.force, progress=not args.quiet)
+    print(f"exported {args.src} -> {rep.out_dir} in {rep.seconds:.1f} s; graphs {rep.total_bytes / 1e6:.1f} MB "
+          f"(weights {rep.weight_bytes / 1e6:.1f} MB); peak RSS {rep.peak_rss_mb:.0f} MB")
+    if args.verify:
+        return _verify(args.out, None, args.quiet, steps=args.steps)
+    return 0
+
+
+def _verify(folder, against, quiet, steps) -> int:
+    from .verify import verify_export
+
+    report = verify_export(folder, against=against, progress=not quiet, steps=steps)
+    print(report.table())
+    print(f"report saved to {report.path}")
+    if not report.ok:
+        print(f"VERIFICATION FAILED: {', '.join(report.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    return _verify(args.folder, args.against, args.quiet, steps=args.steps)
+
+
+def _cmd_quantize(args) -> int:
+    from .quantize import quantize_export
+
+    rep = quantize_export(args.inp, args.out, plan=args.plan, block_size=args.block_size, force=args.force,
+                          progress=not args.quiet)
+    print(rep.summary())
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import InferCodeParams, Runtime
+    from .defaults import default_export
+
+    folder = args.model or default_export(progress=True)
+    t_load = time.perf_counter()
+    rt = Runtime.load(folder, device=args.device, threads=args.threads)
+    t_load = time.perf_counter() - t_load
+    params = InferCodeParams(max_new_token=args.frames, manual_seed=args.seed, min_new_token=args.min_frames)
+    print(f"model {folder} loaded in {t_load:.2f} s on {args.device}; text: {args.text!r}")
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    last_print = t0
+    for frame in rt.stream(args.text, params=params):
+        now = time.perf_counter()
+        if first is None:
+            first = now - t0
+        n += 1
+        if now - last_print > 0.5 or n == 1:
+            el = now - t0
+            fps = n / el
+            print(f"\rframe {n:5d}  codes {frame.codes.tolist()}  {fps:6.1f} frames/s  "
+                  f"RTF {46.875 / fps:5.2f}", end="", flush=True)
+            last_print = now
+    total = time.perf_counter() - t0
+    print()
+    audio_s = n / 46.875
+    print(f"{n} frames ({audio_s:.2f} s of audio) in {total:.2f} s: time to first frame {1000 * (first or 0):.0f} ms, "
+          f"{n / total:.1f} frames/s, real-time factor {total / max(audio_s, 1e-9):.2f} "
+          f"(< 1 is faster than real time); stop: {rt.last_stop_reason}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+    if not script.is_file():
+        print("bench/run.py is part of the source tree; run it from a clone: python bench/run.py", file=sys.stderr)
+        return 2
+    sys.argv = [str(script)] + args.rest
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chattts-ort", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("info", help="versions, ONNX Runtime library and execution providers")
+    s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("export", help="export a ChatTTS asset folder (or the random default) to ONNX blocks")
+    s.add_argument("src", help="ChatTTS asset folder, or 'random' (full shape, seeded) / 'random-tiny'")
+    s.add_argument("out", help="output folder (must not exist unless --force)")
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--verify", action="store_true", help="verify every block and the chain right after export")
+    s.add_argument("--steps", type=int, default=100, help="chain-verification steps (with --verify)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("verify", help="per-block parity against PyTorch and chain token identity")
+    s.add_argument("folder")
+    s.add_argument("--against", default=None, help="an fp32 export folder: report quantization error against it")
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_verify)
+
+    s = sub.add_parser("quantize", help="write a new export whose blocks carry their own precision")
+    s.add_argument("inp")
+    s.add_argument("out")
+    s.add_argument("--plan", default="int8", help="fp16 | int8 | int8-dynamic | int4 | int4-edges | JSON plan")
+    s.add_argument("--block-size", type=int, default=32, help="int4 weight block size")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_quantize)
+
+    s = sub.add_parser("demo", aliases=["say"], help="stream frames for a sentence and print the speed")
+    s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a C++ core.")
+    s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--frames", type=int, default=300, help="max_new_token")
+    s.add_argument("--min-frames", type=int, default=0, help="min_new_token")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("bench", help="run bench/run.py (from a source clone)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"chattts-ort {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

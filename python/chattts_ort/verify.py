@@ -1,0 +1,214 @@
+"""Verification of an export: each block against its PyTorch module, then the whole chain.
+
+Per block: the graph (onnxruntime, Python API) and the PyTorch module it was exported from get the same
+random inputs; max abs and max relative error go into a table and a JSON report. Chain: the graphs driven by
+`OrtLoop` must give the same tokens as the PyTorch reference loop (`reference.generate_reference`) for
+`steps` steps, batch 2 with left padding and a speaker, under shared Exp(1) noise.
+
+With `against=FP32_DIR` (a quantized export), the reference of every block is the fp32 graph instead, and the
+report adds cosine similarity and relative L2 error, plus greedy-token agreement and the mean KL divergence of
+the code distributions over the chain (see quantize.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .export import example_inputs, iter_graphs, load_manifest
+
+# Per-precision tolerances on max abs error (outputs of every block are O(1) by construction of the inputs).
+TOLERANCE = {"fp32": 2e-4}
+
+
+@dataclass
+class BlockResult:
+    block: str
+    output: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    blocks: list
+    chain: dict
+    path: Path = None
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list:
+        bad = sorted({b.block for b in self.blocks if not b.ok})
+        if self.chain and not self.chain.get("ok", False):
+            bad.append("chain")
+        return bad
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def table(self) -> str:
+        lines = [f"{'block':<12} {'output':<14} {'max abs err':>12} {'max rel err':>12}  ok"]
+        for b in self.blocks:
+            lines.append(f"{b.block:<12} {b.output:<14} {b.max_abs:12.3e} {b.max_rel:12.3e}  {'yes' if b.ok else 'NO'}")
+        if self.chain:
+            c = self.chain
+            lines.append(f"chain: {c['steps']} steps, batch {c['batch']}: tokens identical: {c['identical']} "
+                         f"(first mismatch: {c['first_mismatch']})")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "ok": self.ok, "failed": self.failed, "seconds": self.seconds,
+                "blocks": [b.__dict__ for b in self.blocks], "chain": self.chain}
+
+
+def _errors(got: np.ndarray, want: np.ndarray):
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return float("inf"), float("inf")
+    if got.size == 0:
+        return 0.0, 0.0
+    diff = np.abs(got - want)
+    fin = np.isfinite(want)
+    if not np.array_equal(np.isfinite(got), fin):
+        return float("inf"), float("inf")
+    d = diff[fin] if fin.any() else np.zeros(1)
+    rel = d / (np.abs(want[fin]) + 1e-6) if fin.any() else np.zeros(1)
+    return float(d.max()), float(rel.max())
+
+
+def _torch_modules(manifest: dict):
+    """The PyTorch model the export came from (its source must still be available)."""
+    from .defaults import resolve_source
+
+    src = manifest.get("source")
+    if src is None:
+        raise ValueError("the manifest names no source model to verify against")
+    gpt, cfg, _ = resolve_source(src)
+    return gpt.eval(), cfg
+
+
+def _ort_session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
+    import torch
+
+    from .export import _wrappers
+
+    EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, SampleHead = _wrappers()
+    results = []
+    entries = list(iter_graphs(manifest))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(entries), desc="verify blocks", unit="graph", leave=False)
+    for name, entry in entries:
+        if name == "embed":
+            mod, args = EmbedBlock(gpt, cfg), example_inputs(cfg, "embed", seed=11)
+        elif name.startswith("layer_"):
+            mod, args = LayerBlock(gpt.layers[int(name[6:])]), example_inputs(cfg, "layer", B=2, S=3, P=5, seed=12)
+        elif name == "head_code":
+            mod, args = HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code", seed=13)
+        elif name == "head_text":
+            mod, args = HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text", seed=14)
+        else:
+            mod, args = SampleHead(), example_inputs(cfg, "sample", seed=15)
+        with torch.no_grad():
+            want = mod(*args)
+        want = want if isinstance(want, (tuple, list)) else (want,)
+        sess = _ort_session(Path(folder) / entry["file"])
+        feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+        got = sess.run(None, feed)
+        tol = TOLERANCE.get(entry.get("precision", "fp32"), 2e-4)
+        for out, g, w in zip(sess.get_outputs(), got, want):
+            w = w.numpy()
+            if g.dtype.kind in "iub":
+                ok = bool(np.array_equal(g, w))
+                results.append(BlockResult(name, out.name, 0.0 if ok else float("inf"), 0.0 if ok else float("inf"), ok))
+            else:
+                a, r = _errors(g, w)
+                results.append(BlockResult(name, out.name, a, r, a <= tol))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def verify_chain(folder, gpt, cfg, steps: int = 100, seed: int = 0) -> dict:
+    """OrtLoop vs the PyTorch reference loop: batch 2 (left padded), a speaker, shared noise."""
+    import torch
+
+    from .ortloop import OrtLoop
+    from .params import InferCodeParams
+    from .reference import generate_reference
+
+    rng = np.random.default_rng(seed)
+    special = load_manifest(folder).get("special_tokens", {})
+    stts, ptts, spk_id = special.get("Stts", 21131), special.get("Ptts", 21132), special.get("spk_emb", 21143)
+    prompts = [
+        [stts, spk_id] + rng.integers(1000, 20000, 9).tolist() + [ptts],
+        [stts, spk_id] + rng.integers(1000, 20000, 4).tolist() + [ptts],
+    ]
+    speaker = rng.standard_normal((2, cfg.hidden_size)).astype(np.float16).astype(np.float32)
+    params = InferCodeParams(max_new_token=steps, manual_seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    noise = np.stack([torch.empty(2 * cfg.num_vq, cfg.num_audio_tokens).exponential_(generator=gen).numpy()
+                      for _ in range(steps)])
+    ref = generate_reference(gpt, cfg, prompts, mode="code", params=params, speaker=speaker,
+                             noise=lambda step, N, V: torch.from_numpy(noise[step]))
+    loop = OrtLoop(folder, threads=1)
+    temps = [params.temperature] * cfg.num_vq if not isinstance(params.temperature, list) else params.temperature
+    got = loop.generate(prompts, temperature=temps, repetition_penalty=params.repetition_penalty,
+                        top_p=params.top_P, top_k=params.top_K, max_new_token=steps,
+                        min_new_token=params.min_new_token, speaker=speaker, noise=noise)
+    ref_frames = [[tuple(int(x) for x in f) for f in row] for row in ref.frames]
+    identical = ref_frames == got.frames
+    first = None
+    if not identical:
+        for b in range(2):
+            for i, (x, y) in enumerate(zip(ref_frames[b], got.frames[b])):
+                if x != y:
+                    first = {"row": b, "frame": i, "reference": list(x), "onnx": list(y)}
+                    break
+            if first is None and len(ref_frames[b]) != len(got.frames[b]):
+                first = {"row": b, "frames_reference": len(ref_frames[b]), "frames_onnx": len(got.frames[b])}
+            if first:
+                break
+    return {"ok": identical, "identical": identical, "steps": steps, "batch": 2,
+            "frames": [len(r) for r in got.frames], "end_step": got.end_step, "first_mismatch": first}
+
+
+def verify_export(folder, against=None, progress: bool = False, steps: int = 100, chain: bool = True,
+                  save: bool = True) -> VerifyReport:
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    if against is not None:
+        from .quantize import compare_exports
+
+        report = compare_exports(folder, against, steps=steps, progress=progress)
+    else:
+        gpt, cfg = _torch_modules(manifest)
+        blocks = verify_blocks(folder, manifest, gpt, cfg, progress=progress)
+        ch = verify_chain(folder, gpt, cfg, steps=steps) if chain else {}
+        report = VerifyReport(folder, blocks, ch)
+    report.seconds = time.perf_counter() - t0
+    if save:
+        report.path = folder / "verify.json"
+        report.path.write_text(json.dumps(report.to_json(), indent=2))
+    return report
