@@ -158,7 +158,7 @@ class Runtime:
             return None
         E = self.config["hidden_size"]
         if isinstance(speaker, str):
-            vec = decode_spk_emb(speaker).astype(np.float32)
+            vec = decode_spk_emb(speaker, dim=E).astype(np.float32)
         else:
             vec = np.asarray(speaker, dtype=np.float32)
         if vec.ndim == 1:
@@ -170,6 +170,8 @@ class Runtime:
         return np.ascontiguousarray(vec.astype(np.float16).astype(np.float32))
 
     def _texts(self, text) -> list:
+        if not isinstance(text, (str, list, tuple)):
+            raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no text given")

@@ -20,8 +20,9 @@ import numpy as np
 
 from .export import example_inputs, iter_graphs, load_manifest
 
-# Per-precision tolerances on max abs error (outputs of every block are O(1) by construction of the inputs).
-TOLERANCE = {"fp32": 2e-4}
+# fp32 tolerance on the max abs error, scaled by the output's magnitude: |err| <= ATOL + RTOL * max|want|.
+# Observed fp32 errors are ~1e-7 relative (ORT and PyTorch sum in different orders).
+ATOL, RTOL = 1e-5, 1e-5
 
 
 @dataclass
@@ -133,7 +134,6 @@ def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
         sess = _ort_session(Path(folder) / entry["file"])
         feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
         got = sess.run(None, feed)
-        tol = TOLERANCE.get(entry.get("precision", "fp32"), 2e-4)
         for out, g, w in zip(sess.get_outputs(), got, want):
             w = w.numpy()
             if g.dtype.kind in "iub":
@@ -141,7 +141,9 @@ def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
                 results.append(BlockResult(name, out.name, 0.0 if ok else float("inf"), 0.0 if ok else float("inf"), ok))
             else:
                 a, r = _errors(g, w)
-                results.append(BlockResult(name, out.name, a, r, a <= tol))
+                fin = np.isfinite(w)
+                scale = float(np.abs(w[fin]).max()) if fin.any() else 0.0
+                results.append(BlockResult(name, out.name, a, r, a <= ATOL + RTOL * scale))
         if bar is not None:
             bar.update(1)
     if bar is not None:

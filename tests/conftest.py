@@ -1,0 +1,45 @@
+"""Shared fixtures: a private cache folder, the tiny random export, the real ChatTTS asset folder if present."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    # Tests never touch the user's cache; CHATTTS_ORT_TEST_CACHE reuses one between runs if set.
+    root = os.environ.get("CHATTTS_ORT_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("CHATTTS_ORT_CACHE")
+    os.environ["CHATTTS_ORT_CACHE"] = root
+    yield Path(root)
+    if old is None:
+        os.environ.pop("CHATTTS_ORT_CACHE", None)
+    else:
+        os.environ["CHATTTS_ORT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_export(_private_cache):
+    from chattts_ort.defaults import default_export
+
+    return default_export("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(_private_cache):
+    from chattts_ort.defaults import resolve_source
+
+    gpt, cfg, tok = resolve_source("random-tiny")
+    return gpt, cfg, tok
+
+
+@pytest.fixture(scope="session")
+def chattts_asset_dir():
+    """The real ChatTTS tokenizer/config folder (../shared/chattts-asset), or a skip."""
+    cands = [os.environ.get("CHATTTS_ASSET_DIR"), REPO.parent / "shared" / "chattts-asset"]
+    for c in cands:
+        if c and (Path(c) / "tokenizer" / "tokenizer.json").is_file():
+            return Path(c)
+    pytest.skip("ChatTTS asset folder (../shared/chattts-asset) not present")

@@ -1,0 +1,94 @@
+"""Asset folders in ChatTTS's layout: write, load back, and clear errors for bad folders."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from chattts_ort.assets import load_asset_folder, write_random_asset_folder
+from chattts_ort.config import GPTConfig
+from chattts_ort.errors import AssetError
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path):
+    return write_random_asset_folder(tmp_path / "asset", GPTConfig.tiny(), seed=1)
+
+
+def test_layout_and_round_trip(tiny_folder):
+    for rel in ("gpt/config.json", "gpt/model.safetensors", "Embed.safetensors", "tokenizer/tokenizer.json"):
+        assert (tiny_folder / rel).is_file(), rel
+    emb = load_file(str(tiny_folder / "Embed.safetensors"))
+    assert "head_text.parametrizations.weight.original0" in emb and "emb_code.3.weight" in emb
+    llama = load_file(str(tiny_folder / "gpt" / "model.safetensors"))
+    assert "layers.1.self_attn.q_proj.weight" in llama and "norm.weight" in llama
+    gpt, cfg, tok = load_asset_folder(tiny_folder)
+    assert cfg == GPTConfig.tiny()
+    assert torch.equal(gpt.layers[1].q_proj.weight, llama["layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(gpt.embed.emb_code[3].weight, emb["emb_code.3.weight"])
+
+
+def test_seeded_and_deterministic(tmp_path):
+    a = write_random_asset_folder(tmp_path / "a", GPTConfig.tiny(), seed=7)
+    b = write_random_asset_folder(tmp_path / "b", GPTConfig.tiny(), seed=7)
+    c = write_random_asset_folder(tmp_path / "c", GPTConfig.tiny(), seed=8)
+    fa, fb, fc = (load_file(str(p / "Embed.safetensors")) for p in (a, b, c))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert not torch.equal(fa["emb_text.weight"], fc["emb_text.weight"])
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    import chattts_ort.assets as assets
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(assets, "random_state_dicts", boom)
+    with pytest.raises(OSError):
+        write_random_asset_folder(tmp_path / "x", GPTConfig.tiny())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_folder_and_files(tiny_folder, tmp_path):
+    with pytest.raises(AssetError, match="not found"):
+        load_asset_folder(tmp_path / "nope")
+    (tiny_folder / "Embed.safetensors").unlink()
+    with pytest.raises(AssetError, match="Embed.safetensors"):
+        load_asset_folder(tiny_folder)
+
+
+def test_missing_tensor_and_wrong_shape(tiny_folder):
+    p = tiny_folder / "gpt" / "model.safetensors"
+    sd = load_file(str(p))
+    del sd["layers.0.mlp.up_proj.weight"]
+    save_file(sd, str(p))
+    with pytest.raises(AssetError, match="layers.0.mlp.up_proj.weight"):
+        load_asset_folder(tiny_folder)
+    sd["layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(p))
+    with pytest.raises(AssetError, match=r"shape \(3, 3\)"):
+        load_asset_folder(tiny_folder)
+
+
+def test_config_errors(tiny_folder):
+    p = tiny_folder / "gpt" / "config.json"
+    cfg = json.loads(p.read_text())
+    del cfg["num_audio_tokens"]
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(AssetError, match="num_audio_tokens"):
+        load_asset_folder(tiny_folder)
+    p.write_text("{not json")
+    with pytest.raises(AssetError, match="config.json"):
+        load_asset_folder(tiny_folder)
+
+
+def test_corrupt_safetensors(tiny_folder):
+    (tiny_folder / "Embed.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(AssetError, match="Embed.safetensors"):
+        load_asset_folder(tiny_folder)
+
+
+def test_real_config_reads(chattts_asset_dir):
+    cfg = GPTConfig.from_json(chattts_asset_dir / "gpt" / "config.json")
+    assert cfg == GPTConfig.full()

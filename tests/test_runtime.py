@@ -1,0 +1,211 @@
+"""The C++ runtime against the PyTorch reference loop (transformers LlamaModel + ChatTTS's sampling)."""
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from chattts_ort import Generation, InferCodeParams, RefineTextParams, Runtime
+from chattts_ort.export import ExportError
+from chattts_ort.reference import generate_reference
+from chattts_ort.speaker import encode_spk_emb
+
+TEXTS = ["hello world, this is chat tts speaking from onnx", "fast audio"]
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_export):
+    return Runtime.load(tiny_export, threads=1, max_context=512, max_batch=2)
+
+
+def _noise(steps, N, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    return np.stack([torch.empty(N, V).exponential_(generator=g).numpy() for _ in range(steps)])
+
+
+def _reference(tiny_model, rt, texts, params, speaker, noise, mode="code", greedy=False):
+    gpt, cfg, _ = tiny_model
+    from chattts_ort.params import build_prompt_code, build_prompt_refine
+
+    if mode == "code":
+        prompts = [rt.tokenize(build_prompt_code(t, speaker is not None, params.txt_smp, params.prompt)) for t in texts]
+    else:
+        prompts = [rt.tokenize(build_prompt_refine(t, params.prompt)) for t in texts]
+    fn = None if noise is None else (lambda step, N, V: torch.from_numpy(noise[step]))
+    return generate_reference(gpt, cfg, prompts, mode=mode, params=params, speaker=speaker, noise=fn, greedy=greedy)
+
+
+@pytest.mark.parametrize("seed,min_new", [(0, 200), (1, 0), (4, 0)])  # seeds 1 and 4 end a row by EOS
+def test_token_identity_with_reference(rt, tiny_model, seed, min_new):
+    steps = 200
+    speaker = np.random.default_rng(seed).standard_normal((2, 64)).astype(np.float16).astype(np.float32)
+    params = InferCodeParams(max_new_token=steps, min_new_token=min_new, return_hidden=True)
+    noise = _noise(steps, 8, 626, seed)
+    gen = rt.generate(TEXTS, params=params, speaker=speaker, noise=noise)
+    ref = _reference(tiny_model, rt, TEXTS, params, speaker, noise)
+    for b in range(2):
+        got = [tuple(x) for x in gen.codes[b].tolist()]
+        assert got == ref.frames[b], f"row {b} differs"
+        np.testing.assert_allclose(gen.hidden[b], np.array(ref.hidden[b]).reshape(-1, 64), atol=2e-4)
+    lengths = [len(f) for f in ref.frames]
+    print(f"seed {seed}: frames per row {lengths}, EOS steps {ref.end_step}")
+    if min_new == steps:
+        assert lengths == [steps, steps]
+    else:
+        # The EOS frame is dropped, on the same step, in both.
+        assert any(e is not None for e in ref.end_step)
+        for b in range(2):
+            if ref.end_step[b] is not None:
+                assert len(gen.codes[b]) == ref.end_step[b]
+
+
+def test_greedy_identity(rt, tiny_model):
+    params = InferCodeParams(max_new_token=60, min_new_token=60, greedy=True)
+    gen = rt.generate(TEXTS, params=params)
+    ref = _reference(tiny_model, rt, TEXTS, params, None, None, greedy=True)
+    for b in range(2):
+        assert [tuple(x) for x in gen.codes[b].tolist()] == ref.frames[b]
+
+
+def test_refine_text_identity(rt, tiny_model):
+    params = RefineTextParams(max_new_token=40, manual_seed=0)
+    noise = _noise(40, 1, 21178, 3)
+    text = rt.refine_text("hello world", params=params, noise=noise)
+    ref = _reference(tiny_model, rt, ["hello world"], params, None, noise, mode="text")
+    assert rt.last_refine_ids[0] == [f[0] for f in ref.frames[0]]
+    assert isinstance(text, str)
+
+
+def test_seeded_generation_is_reproducible(rt):
+    p = InferCodeParams(max_new_token=30, min_new_token=30, manual_seed=123)
+    a = rt.generate("hello", params=p).codes[0]
+    b = rt.generate("hello", params=p).codes[0]
+    c = rt.generate("hello", params=InferCodeParams(max_new_token=30, min_new_token=30, manual_seed=124)).codes[0]
+    assert a.shape == (30, 4) and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_stream_frames_and_early_break(rt):
+    frames = []
+    for f in rt.stream("hello world", params=InferCodeParams(max_new_token=100, min_new_token=100, manual_seed=1)):
+        frames.append(f)
+        if len(frames) == 5:
+            break
+    assert [f.step for f in frames] == [0, 1, 2, 3, 4]
+    assert frames[0].codes.shape == (4,) and frames[0].codes.dtype == np.int64
+    # After the break the runtime is free again (the C++ loop was stopped and reset).
+    assert rt.generate("hi", params=InferCodeParams(max_new_token=3, min_new_token=3)).codes[0].shape == (3, 4)
+
+
+def test_generator_garbage_collected_frees_runtime(rt):
+    it = rt.stream("hello", params=InferCodeParams(max_new_token=50, min_new_token=50))
+    next(it)
+    del it
+    gc.collect()
+    assert rt.generate("hi", params=InferCodeParams(max_new_token=2, min_new_token=2)).codes[0].shape == (2, 4)
+
+
+def test_exception_in_consumer_stops(rt):
+    with pytest.raises(KeyError):
+        for f in rt.stream("hello", params=InferCodeParams(max_new_token=50, min_new_token=50)):
+            raise KeyError("consumer failed")
+    assert rt.generate("hi", params=InferCodeParams(max_new_token=2, min_new_token=2)).codes[0].shape == (2, 4)
+
+
+def test_one_stream_at_a_time(rt):
+    it = rt.stream("hello", params=InferCodeParams(max_new_token=20, min_new_token=20))
+    next(it)
+    with pytest.raises(RuntimeError, match="already generating"):
+        rt.generate("hi", params=InferCodeParams(max_new_token=2))
+    it.close()
+
+
+def test_two_runtimes_in_two_threads(tiny_export):
+    out, errors = {}, []
+
+    def work(i):
+        try:
+            r = Runtime.load(tiny_export, threads=1, max_context=256)
+            out[i] = r.generate("hello", params=InferCodeParams(max_new_token=40, min_new_token=40, manual_seed=9)).codes[0]
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    [t.start() for t in ts]
+    [t.join(120) for t in ts]
+    assert not errors and np.array_equal(out[0], out[1]) and out[0].shape == (40, 4)
+
+
+def test_speaker_string_and_array_agree(rt):
+    x = np.random.default_rng(0).standard_normal(64).astype(np.float16)
+    p = InferCodeParams(max_new_token=20, min_new_token=20, manual_seed=4, return_hidden=True)
+    a = rt.generate("hi", params=p, speaker=encode_spk_emb(x))
+    b = rt.generate("hi", params=p, speaker=x)
+    c = rt.generate("hi", params=p)
+    assert np.array_equal(a.codes[0], b.codes[0]) and np.array_equal(a.hidden[0], b.hidden[0])
+    # The speaker reaches the model (in this random model its effect is small, so compare hidden states).
+    assert np.abs(a.hidden[0][0] - c.hidden[0][0]).max() > 1e-4
+
+
+def test_context_full_stops_cleanly(tiny_export):
+    r = Runtime.load(tiny_export, threads=1, max_context=24)
+    gen = r.generate("hello", params=InferCodeParams(max_new_token=100, min_new_token=100))
+    assert gen.stop_reason == "context_full" and 0 < len(gen.codes[0]) < 24
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(text=""), ValueError, "empty"),
+    (dict(text=[]), ValueError, "no text"),
+    (dict(text=3), TypeError, "str"),
+    (dict(text="hi", params=InferCodeParams(temperature=0)), ValueError, "temperature"),
+    (dict(text="hi", params=InferCodeParams(top_P=2)), ValueError, "top_P"),
+    (dict(text="hi", params=InferCodeParams(top_K=0)), ValueError, "top_K"),
+    (dict(text="hi", params=InferCodeParams(repetition_penalty=-1)), ValueError, "repetition_penalty"),
+    (dict(text="hi", params=InferCodeParams(max_new_token=0)), ValueError, "max_new_token"),
+    (dict(text="hi", speaker=np.zeros(5)), ValueError, "speaker"),
+    (dict(text="hi", speaker="not a speaker"), ValueError, "spk_emb"),
+    (dict(text="hi", noise=np.ones((3, 4, 626), np.float32)), ValueError, "noise"),
+    (dict(text="hi " * 600), ValueError, "max_context"),
+    (dict(text="\U0001F600 emoji"), ValueError, "UNK"),
+])
+def test_bad_input(rt, kwargs, exc, match):
+    text = kwargs.pop("text")
+    with pytest.raises(exc, match=match):
+        list(rt.stream(text, **kwargs))
+    # and the runtime still works
+    assert rt.generate("hi", params=InferCodeParams(max_new_token=2, min_new_token=2)).codes[0].shape == (2, 4)
+
+
+def test_bad_export_folders(tiny_export, tmp_path):
+    import shutil
+
+    with pytest.raises(FileNotFoundError):
+        Runtime.load(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export, bad)
+    (bad / "layer_01.onnx").unlink()
+    with pytest.raises(ExportError, match="layer_01.onnx.*missing"):
+        Runtime.load(bad)
+    shutil.copyfile(tiny_export / "layer_00.onnx", bad / "layer_01.onnx")
+    with pytest.raises(ExportError, match="layer_01.onnx"):
+        Runtime.load(bad)  # size or sha256 differs from the manifest
+    shutil.copyfile(tiny_export / "layer_01.onnx", bad / "layer_01.onnx")
+    with open(bad / "head_code.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ExportError, match="sha256"):
+        Runtime.load(bad)
+    with pytest.raises(RuntimeError, match="head_code.onnx"):
+        Runtime.load(bad, verify=False)  # corrupt bytes: the graph itself fails to load, or IO mismatch
+
+
+def test_cuda_without_cuda_is_clear(tiny_export):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        Runtime.load(tiny_export, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        Runtime.load(tiny_export, device="tpu")
