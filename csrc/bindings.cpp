@@ -115,7 +115,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("max_context", &EngineSpec::max_context)
       .def_readwrite("max_batch", &EngineSpec::max_batch)
       .def_readwrite("device", &EngineSpec::device)
-      .def_readwrite("threads", &EngineSpec::threads);
+      .def_readwrite("threads", &EngineSpec::threads)
+      .def_readwrite("layer_form", &EngineSpec::layer_form)
+      .def_readwrite("rope_theta", &EngineSpec::rope_theta);
 
   py::class_<Engine>(m, "Engine", "The whole decode loop in C++ over the exported blocks.")
       .def(py::init<const EngineSpec&>(), py::arg("spec"), py::call_guard<py::gil_scoped_release>())

@@ -41,6 +41,24 @@ Engine::Engine(const EngineSpec& spec) : spec_(spec) {
   head_code_ = std::make_unique<Session>(spec_.head_code, spec_.device, spec_.threads);
   head_text_ = std::make_unique<Session>(spec_.head_text, spec_.device, spec_.threads);
   sample_ = std::make_unique<Session>(spec_.sample, spec_.device, spec_.threads);
+  if (spec_.layer_form != "portable" && spec_.layer_form != "fused")
+    throw Error("unknown layer_form '" + spec_.layer_form + "'");
+  fused_ = spec_.layer_form == "fused";
+  if (fused_) {
+    // Rotary tables as PyTorch computes them: fp32 inverse frequencies, one fp32 product, then cos/sin.
+    const int64_t half = spec_.head_dim / 2;
+    cos_cache_.resize(size_t(spec_.max_context * half));
+    sin_cache_.resize(size_t(spec_.max_context * half));
+    for (int64_t i = 0; i < half; ++i) {
+      const float ex = float(2 * i) / float(spec_.head_dim);
+      const float inv = 1.0f / std::pow(float(spec_.rope_theta), ex);
+      for (int64_t p = 0; p < spec_.max_context; ++p) {
+        const float f = float(p) * inv;
+        cos_cache_[p * half + i] = float(std::cos(double(f)));
+        sin_cache_[p * half + i] = float(std::sin(double(f)));
+      }
+    }
+  }
   K_.resize(layers_.size());
   V_.resize(layers_.size());
   // The KV cache for max_batch rows at max_context is allocated here, once.
@@ -89,6 +107,8 @@ void Engine::ensure_capacity(int64_t B, int64_t T) {
   grow(history_, size_t(N * 16));
   grow(next_ids_, size_t(N));
   grow(noise_, size_t(N * Vmax));
+  grow(gather_, size_t(B * E));
+  grow(seqlens_, size_t(B));
 }
 
 void Engine::start(GenerationSpec g) {
@@ -120,8 +140,69 @@ void Engine::start(GenerationSpec g) {
   uint64_t seed = g_.seed;
   for (auto& s : rng_) s = splitmix64(seed);
   if (g_.greedy) std::fill(noise_.begin(), noise_.begin() + N * V, 1.0f);
+  if (fused_) {
+    // Right-pad the left-padded prompts: in this form each row's cache starts at position 0.
+    lens_.assign(size_t(B), 0);
+    std::vector<int64_t> ids(size_t(B * T * 4), 0);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t n = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!g_.attention_mask[b * T + t]) continue;
+        for (int64_t c = 0; c < 4; ++c) ids[(b * T + n) * 4 + c] = g_.input_ids[(b * T + t) * 4 + c];
+        ++n;
+      }
+      if (n == 0) throw Error("a prompt row has no tokens");
+      lens_[b] = n;
+    }
+    g_.input_ids.swap(ids);
+  }
   run_opts_.UnsetTerminate();
   active_ = true;
+}
+
+void Engine::run_layers_portable(int64_t S, int64_t P, float*& cur, float*& nxt) {
+  const int64_t B = B_, E = spec_.hidden, D = spec_.head_dim, H = spec_.heads, L = P + S;
+  Ort::Value cos = view(cos_.data(), {B, S, D}), sin = view(sin_.data(), {B, S, D});
+  Ort::Value bias = view(bias_.data(), {B, 1, S, L});
+  const int64_t slot = P * B * H * D;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Session& s = *layers_[l];
+    s.bind_input("hidden", view(cur, {B, S, E}));
+    s.bind_input("cos", cos);
+    s.bind_input("sin", sin);
+    s.bind_input("attn_bias", bias);
+    s.bind_input("past_key", view(K_[l].data(), {P, B, H, D}));
+    s.bind_input("past_value", view(V_[l].data(), {P, B, H, D}));
+    s.bind_output("hidden_out", view(nxt, {B, S, E}));
+    s.bind_output("present_key", view(K_[l].data() + slot, {S, B, H, D}));
+    s.bind_output("present_value", view(V_[l].data() + slot, {S, B, H, D}));
+    s.run(run_opts_);
+    std::swap(cur, nxt);
+  }
+}
+
+void Engine::run_layers_fused(int64_t S, float*& cur, float*& nxt) {
+  const int64_t B = B_, E = spec_.hidden, D = spec_.head_dim, H = spec_.heads, M = S_max_;
+  Ort::Value seqlens = view(seqlens_.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {B});
+  Ort::Value total = view(&total_len_, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {});
+  Ort::Value cosc = view(cos_cache_.data(), {M, D / 2}), sinc = view(sin_cache_.data(), {M, D / 2});
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Session& s = *layers_[l];
+    // Past and present are the same buffer: GroupQueryAttention appends in place.
+    Ort::Value k = view(K_[l].data(), {B, H, M, D}), v = view(V_[l].data(), {B, H, M, D});
+    s.bind_input("hidden", view(cur, {B, S, E}));
+    s.bind_input("past_key", k);
+    s.bind_input("past_value", v);
+    s.bind_input("seqlens_k", seqlens);
+    s.bind_input("total_sequence_length", total);
+    s.bind_input("cos_cache", cosc);
+    s.bind_input("sin_cache", sinc);
+    s.bind_output("hidden_out", view(nxt, {B, S, E}));
+    s.bind_output("present_key", k);
+    s.bind_output("present_value", v);
+    s.run(run_opts_);
+    std::swap(cur, nxt);
+  }
 }
 
 void Engine::fill_noise(int64_t n_rows, int64_t vocab) {
@@ -175,45 +256,56 @@ StepResult Engine::step(bool return_hidden) {
       key_valid_[b * S_max_ + P] = 1;
     }
   }
-  for (int64_t b = 0; b < B; ++b)
-    std::memcpy(&key_mask_[b * L], &key_valid_[b * S_max_], size_t(L) * sizeof(int64_t));
+  // The fused form needs neither the rotary tables nor the bias of the embedding graph: bind them small.
+  const int64_t Le = fused_ ? S : L;
+  if (fused_) {
+    std::fill(key_mask_.begin(), key_mask_.begin() + B * S, int64_t(1));
+  } else {
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(&key_mask_[b * L], &key_valid_[b * S_max_], size_t(L) * sizeof(int64_t));
+  }
 
-  // 2. Embedding (+ rotary tables and the attention bias shared by every layer).
+  // 2. Embedding (+ rotary tables and the attention bias shared by every portable layer).
   embed_->bind_input("input_ids", view(ids_.data(), {B, S, 4}));
   embed_->bind_input("text_mask", view(reinterpret_cast<bool*>(text_mask_.data()), {B, S}));
   embed_->bind_input("speaker", view(speaker_.data(), {B, E}));
   embed_->bind_input("position_ids", view(pos_.data(), {B, S}));
-  embed_->bind_input("key_mask", view(key_mask_.data(), {B, L}));
+  embed_->bind_input("key_mask", view(key_mask_.data(), {B, Le}));
   embed_->bind_output("hidden", view(h0_.data(), {B, S, E}));
   embed_->bind_output("cos", view(cos_.data(), {B, S, D}));
   embed_->bind_output("sin", view(sin_.data(), {B, S, D}));
-  embed_->bind_output("attn_bias", view(bias_.data(), {B, 1, S, L}));
+  embed_->bind_output("attn_bias", view(bias_.data(), {B, 1, S, Le}));
   embed_->run(run_opts_);
 
-  // 3. The layer chain; each present K/V lands in its slot of the cache.
-  Ort::Value cos = view(cos_.data(), {B, S, D}), sin = view(sin_.data(), {B, S, D});
-  Ort::Value bias = view(bias_.data(), {B, 1, S, L});
+  // 3. The layer chain; each present K/V lands in its place in the cache.
   float* cur = h0_.data();
   float* nxt = h1_.data();
-  const int64_t slot = P * B * H * D;
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    Session& s = *layers_[l];
-    s.bind_input("hidden", view(cur, {B, S, E}));
-    s.bind_input("cos", cos);
-    s.bind_input("sin", sin);
-    s.bind_input("attn_bias", bias);
-    s.bind_input("past_key", view(K_[l].data(), {P, B, H, D}));
-    s.bind_input("past_value", view(V_[l].data(), {P, B, H, D}));
-    s.bind_output("hidden_out", view(nxt, {B, S, E}));
-    s.bind_output("present_key", view(K_[l].data() + slot, {S, B, H, D}));
-    s.bind_output("present_value", view(V_[l].data() + slot, {S, B, H, D}));
-    s.run(run_opts_);
-    std::swap(cur, nxt);
+  int64_t S_head = S;
+  if (fused_) {
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t total = first ? lens_[b] : lens_[b] + 1;
+      seqlens_[b] = int32_t(total - 1);
+      longest = std::max(longest, total);
+    }
+    total_len_ = int32_t(first ? S : longest);
+    run_layers_fused(S, cur, nxt);
+    if (first) {
+      // Rows are right-padded: each row's last real position feeds the head.
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(&gather_[b * E], cur + (b * S + lens_[b] - 1) * E, size_t(E) * sizeof(float));
+      cur = gather_.data();
+      S_head = 1;
+    } else {
+      for (int64_t b = 0; b < B; ++b) lens_[b] += 1;
+    }
+  } else {
+    run_layers_portable(S, P, cur, nxt);
   }
 
   // 4. Head: logits of the last position and the final hidden state.
   Session& head = text ? *head_text_ : *head_code_;
-  head.bind_input("hidden", view(cur, {B, S, E}));
+  head.bind_input("hidden", view(cur, {B, S_head, E}));
   if (text)
     head.bind_output("logits", view(logits_.data(), {B, V}));
   else
@@ -264,7 +356,8 @@ StepResult Engine::step(bool return_hidden) {
   bool all_done = std::all_of(finished_.begin(), finished_.end(), [](uint8_t f) { return f != 0; });
   if (all_done) res.stop_reason = "eos";
   else if (step_ >= g_.max_new_token) res.stop_reason = "max_new_token";
-  else if (P_ + 1 > S_max_) res.stop_reason = "context_full";
+  else if (fused_ ? (*std::max_element(lens_.begin(), lens_.end()) + 1 > S_max_) : (P_ + 1 > S_max_))
+    res.stop_reason = "context_full";
   if (!res.stop_reason.empty()) {
     res.done = true;
     active_ = false;

@@ -27,6 +27,10 @@ struct EngineSpec {
   int max_batch = 1;
   std::string device = "cpu";
   int threads = 0;
+  // "portable": KV [S_max, B, H, D], layer reads a past view and writes its present slot.
+  // "fused": KV [B, H, S_max, D] shared by past and present (GroupQueryAttention); rows right-padded.
+  std::string layer_form = "portable";
+  double rope_theta = 10000.0;
 };
 
 struct GenerationSpec {
@@ -69,6 +73,8 @@ class Engine {
 
  private:
   void ensure_capacity(int64_t batch, int64_t prompt_len);
+  void run_layers_portable(int64_t S, int64_t P, float*& cur, float*& nxt);
+  void run_layers_fused(int64_t S, float*& cur, float*& nxt);
   void fill_noise(int64_t n_rows, int64_t vocab);
 
   EngineSpec spec_;
@@ -84,6 +90,11 @@ class Engine {
   std::vector<uint8_t> text_mask_;
   std::vector<float> speaker_, h0_, h1_, cos_, sin_, bias_, logits_, last_hidden_;
   std::vector<float> temperature_, noise_;
+  bool fused_ = false;
+  std::vector<float> cos_cache_, sin_cache_, gather_;  // fused form: rotary caches [S_max, D/2]
+  std::vector<int32_t> seqlens_;                       // fused form: per-row length - 1
+  std::vector<int64_t> lens_;                          // fused form: tokens cached per row
+  int32_t total_len_ = 0;
   float penalty_ = 1.0f, top_p_ = 0.7f;
   int64_t top_k_ = 20, eos_id_ = 625;
   bool block_eos_ = false;

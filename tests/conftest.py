@@ -20,11 +20,12 @@ def _private_cache(tmp_path_factory):
         os.environ["CHATTTS_ORT_CACHE"] = old
 
 
-@pytest.fixture(scope="session")
-def tiny_export(_private_cache):
+@pytest.fixture(scope="session", params=["fused", "portable"])
+def tiny_export(request, _private_cache):
+    """The tiny random model exported in each layer form (every test using it runs for both)."""
     from chattts_ort.defaults import default_export
 
-    return default_export("tiny")
+    return default_export("tiny", layer_form=request.param)
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,22 @@ def test_manifest_and_graphs(tiny_export):
     m = load_manifest(tiny_export)
     g = m["graphs"]
     assert len(g["layers"]) == m["config"]["num_layers"] == 2
-    assert m["kv_layout"] == "seq_batch_head_dim" and m["layer_form"] == "portable"
+    fused = m["layer_form"] == "fused"
+    assert m["kv_layout"] == ("batch_head_seq_dim" if fused else "seq_batch_head_dim")
     for entry in [g["embed"], *g["layers"], g["head_code"], g["head_text"], g["sample"]]:
         p = tiny_export / entry["file"]
         assert sha256_file(p) == entry["sha256"] and p.stat().st_size == entry["bytes"]
         assert entry["precision"] == "fp32"
     names = [i["name"] for i in g["layers"][0]["inputs"]]
-    assert names == ["hidden", "cos", "sin", "attn_bias", "past_key", "past_value"]
-    assert g["layers"][0]["inputs"][4]["shape"][0] == "P"  # dynamic past length
+    if fused:
+        assert names == ["hidden", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
+        assert g["layers"][0]["inputs"][1]["shape"][2] == "M"  # the whole max-context buffer
+        ops = {n.op_type for n in onnx.load(str(tiny_export / "layer_00.onnx")).graph.node}
+        assert "GroupQueryAttention" in ops
+    else:
+        assert names == ["hidden", "cos", "sin", "attn_bias", "past_key", "past_value"]
+        assert g["layers"][0]["inputs"][4]["shape"][0] == "P"  # dynamic past length
+    assert [o["name"] for o in g["layers"][0]["outputs"]] == ["hidden_out", "present_key", "present_value"]
     assert [o["name"] for o in g["sample"]["outputs"]] == ["next_ids"]
     assert (tiny_export / "tokenizer.json").is_file()
 
@@ -84,6 +92,12 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         export_model("random-tiny", tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_layer_form(tmp_path):
+    with pytest.raises(ExportError, match="layer_form"):
+        export_model("random-tiny", tmp_path / "out", progress=False, layer_form="magic")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_sources(tmp_path):

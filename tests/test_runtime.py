@@ -170,6 +170,7 @@ def test_context_full_stops_cleanly(tiny_export):
     (dict(text="\U0001F600 emoji"), ValueError, "UNK"),
 ])
 def test_bad_input(rt, kwargs, exc, match):
+    kwargs = dict(kwargs)
     text = kwargs.pop("text")
     with pytest.raises(exc, match=match):
         list(rt.stream(text, **kwargs))

@@ -45,14 +45,14 @@ def resolve_source(src):
     return load_asset_folder(source_folder(src))
 
 
-def default_export(kind: str = "full", progress: bool = False) -> Path:
+def default_export(kind: str = "full", progress: bool = False, layer_form: str = "fused") -> Path:
     """The export folder of the random default model (exported on first use, then reused)."""
     from .export import FORMAT, MANIFEST, export_model
 
     name = "random" if kind == "full" else "random-tiny"
-    folder = cache_dir() / "exports" / f"{name}-seed0-{FORMAT.replace('/', '-')}"
+    folder = cache_dir() / "exports" / f"{name}-seed0-{layer_form}-{FORMAT.replace('/', '-')}"
     if not (folder / MANIFEST).is_file():
         if progress:
             print(f"first use: exporting the random {kind}-shape model to {folder} ...", flush=True)
-        export_model(name, folder, force=True, progress=progress)
+        export_model(name, folder, force=True, progress=progress, layer_form=layer_form)
     return folder

@@ -218,11 +218,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def export_model(src, out, *, force: bool = False, progress: bool = True, verify: bool = False) -> ExportReport:
+LAYER_FORMS = ("fused", "portable")
+
+
+def export_model(src, out, *, force: bool = False, progress: bool = True, verify: bool = False,
+                 layer_form: str = "fused") -> ExportReport:
     """Export SRC (a ChatTTS asset folder, or "random"/"random-tiny" for the seeded default) to OUT.
 
-    OUT must not exist unless force=True. The folder appears only when complete.
+    layer_form: "fused" (GroupQueryAttention over an in-place [B, H, M, D] KV buffer; the default) or
+    "portable" (standard ONNX ops only, KV [P, B, H, D] views). OUT must not exist unless force=True.
+    The folder appears only when complete.
     """
+    if layer_form not in LAYER_FORMS:
+        raise ExportError(f"unknown layer_form {layer_form!r} (choose from {', '.join(LAYER_FORMS)})")
     import torch
 
     from .defaults import resolve_source
@@ -240,8 +248,11 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, verify
     try:
         jobs = [("embed", "embed.onnx", lambda: (EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO))]
         for i, layer in enumerate(gpt.layers):
-            jobs.append((f"layer {i}", f"layer_{i:02d}.onnx",
-                         lambda layer=layer: (LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO)))
+            if layer_form == "fused":
+                jobs.append((f"layer {i}", f"layer_{i:02d}.onnx", lambda layer=layer, i=i: (layer, i, None)))
+            else:
+                jobs.append((f"layer {i}", f"layer_{i:02d}.onnx",
+                             lambda layer=layer: (LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO)))
         jobs.append(("head_code", "head_code.onnx", lambda: (HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
         jobs.append(("head_text", "head_text.onnx", lambda: (HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO)))
         jobs.append(("sample", "sample.onnx", lambda: (SampleHead(), example_inputs(cfg, "sample"), SAMPLE_IO)))
@@ -252,7 +263,14 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, verify
                 if bar is not None:
                     bar.set_postfix_str(label)
                 module, args, io = make()
-                _export_graph(module, args, tmp / file, io)
+                if io is None:  # a fused layer: written directly from the weights
+                    import onnx
+
+                    from .fused import build_fused_layer
+
+                    onnx.save(build_fused_layer(module, cfg, name=f"layer_{args:02d}"), str(tmp / file))
+                else:
+                    _export_graph(module, args, tmp / file, io)
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
@@ -267,8 +285,8 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, verify
             "source": str(src),
             "config": cfg.to_dict(),
             "special_tokens": dict(SPECIAL_TOKENS),
-            "kv_layout": "seq_batch_head_dim",
-            "layer_form": "portable",
+            "kv_layout": "batch_head_seq_dim" if layer_form == "fused" else "seq_batch_head_dim",
+            "layer_form": layer_form,
             "tokenizer": "tokenizer.json",
             "graphs": {
                 "embed": graph_entry(tmp, "embed.onnx"),

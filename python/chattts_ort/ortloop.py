@@ -47,6 +47,8 @@ class OrtLoop:
         self.E, self.H = c["hidden_size"], c["num_heads"]
         self.D = self.E // self.H
         self.num_vq, self.V_code, self.V_text = c["num_vq"], c["num_audio_tokens"], c["num_text_tokens"]
+        self.fused = self.manifest.get("layer_form", "portable") == "fused"
+        self.rope_theta = c.get("rope_theta", 10000.0)
 
     def generate(self, prompts, *, text_mode=False, temperature=(0.3, 0.3, 0.3, 0.3), repetition_penalty=1.05,
                  top_p=0.7, top_k=20, max_new_token=100, min_new_token=0, eos_id=None, speaker=None,
@@ -62,22 +64,61 @@ class OrtLoop:
         spk = np.zeros((B, self.E), np.float32) if speaker is None else np.asarray(speaker, np.float32).reshape(B, self.E)
         rng = np.random.default_rng(seed)
         history = np.full((N, 16), -1, np.int64)
-        past_k = [np.zeros((0, B, self.H, self.D), np.float32) for _ in self.layers]
-        past_v = [np.zeros((0, B, self.H, self.D), np.float32) for _ in self.layers]
         res = LoopResult(frames=[[] for _ in range(B)], hidden=[[] for _ in range(B)], end_step=[None] * B)
         finished = np.zeros(B, bool)
-        key_mask = mask.copy()
-        pos = prefill_positions(mask)
-        step_ids, text_rows = ids, np.ones((B, T), bool)
+        if self.fused:
+            # Right-padded rows, one [B, H, M, D] buffer per layer shared by past and present.
+            import onnxruntime as ort
+
+            from .fused import rope_cache
+
+            lens = mask.sum(1).astype(np.int64)
+            step_ids = np.zeros_like(ids)
+            for b in range(B):
+                step_ids[b, : lens[b]] = ids[b, T - lens[b]:]
+            M = T + max_new_token + 1
+            cos_cache, sin_cache = rope_cache(M, self.D, self.rope_theta)
+            kv = [(ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), np.float32)),
+                   ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), np.float32))) for _ in self.layers]
+            key_mask, pos = np.ones((B, T), np.int64), np.tile(np.arange(T, dtype=np.int64), (B, 1))
+        else:
+            past_k = [np.zeros((0, B, self.H, self.D), np.float32) for _ in self.layers]
+            past_v = [np.zeros((0, B, self.H, self.D), np.float32) for _ in self.layers]
+            key_mask = mask.copy()
+            pos = prefill_positions(mask)
+            step_ids = ids
+        text_rows = np.ones((B, T), bool)
         for step in range(max_new_token):
             h, cos, sin, bias = self.embed.run(None, {
                 "input_ids": step_ids, "text_mask": text_rows, "speaker": spk,
                 "position_ids": pos, "key_mask": key_mask})
-            for i, layer in enumerate(self.layers):
-                h, pk, pv = layer.run(None, {"hidden": h, "cos": cos, "sin": sin, "attn_bias": bias,
-                                             "past_key": past_k[i], "past_value": past_v[i]})
-                past_k[i] = np.concatenate([past_k[i], pk], 0)
-                past_v[i] = np.concatenate([past_v[i], pv], 0)
+            if self.fused:
+                total = lens if step == 0 else lens + 1
+                seqlens = (total - 1).astype(np.int32)
+                for i, layer in enumerate(self.layers):
+                    io = layer.io_binding()
+                    io.bind_cpu_input("hidden", np.ascontiguousarray(h))
+                    io.bind_cpu_input("seqlens_k", seqlens)
+                    io.bind_cpu_input("total_sequence_length", np.array(T if step == 0 else total.max(), np.int32))
+                    io.bind_cpu_input("cos_cache", cos_cache)
+                    io.bind_cpu_input("sin_cache", sin_cache)
+                    io.bind_ortvalue_input("past_key", kv[i][0])
+                    io.bind_ortvalue_input("past_value", kv[i][1])
+                    io.bind_output("hidden_out")
+                    io.bind_ortvalue_output("present_key", kv[i][0])
+                    io.bind_ortvalue_output("present_value", kv[i][1])
+                    layer.run_with_iobinding(io)
+                    h = io.copy_outputs_to_cpu()[0]
+                if step == 0:
+                    h = np.stack([h[b, lens[b] - 1] for b in range(B)])[:, None, :]
+                else:
+                    lens = lens + 1
+            else:
+                for i, layer in enumerate(self.layers):
+                    h, pk, pv = layer.run(None, {"hidden": h, "cos": cos, "sin": sin, "attn_bias": bias,
+                                                 "past_key": past_k[i], "past_value": past_v[i]})
+                    past_k[i] = np.concatenate([past_k[i], pk], 0)
+                    past_v[i] = np.concatenate([past_v[i], pv], 0)
             head = self.head_text if text_mode else self.head_code
             logits, last_hidden = head.run(None, {"hidden": h})
             if greedy:
@@ -112,6 +153,9 @@ class OrtLoop:
             # Next input: the sampled ids (text mode repeats the id in all four columns).
             step_ids = np.repeat(per_row, 4 // k, axis=1).reshape(B, 1, 4).astype(np.int64)
             text_rows = np.full((B, 1), text_mode)
-            pos = (pos[:, -1:] + 1).astype(np.int64)
-            key_mask = np.concatenate([key_mask, np.ones((B, 1), np.int64)], 1)
+            if self.fused:
+                pos, key_mask = lens[:, None].astype(np.int64), np.ones((B, 1), np.int64)
+            else:
+                pos = (pos[:, -1:] + 1).astype(np.int64)
+                key_mask = np.concatenate([key_mask, np.ones((B, 1), np.int64)], 1)
         return res

@@ -123,6 +123,8 @@ class Runtime:
         spec.max_batch = int(max_batch)
         spec.device = device
         spec.threads = threads
+        spec.layer_form = manifest.get("layer_form", "portable")
+        spec.rope_theta = float(cfg.get("rope_theta", 10000.0))
         try:
             engine = c.Engine(spec)
         except RuntimeError as e:

@@ -120,6 +120,11 @@ def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
     for name, entry in entries:
         if name == "embed":
             mod, args = EmbedBlock(gpt, cfg), example_inputs(cfg, "embed", seed=11)
+        elif name.startswith("layer_") and manifest.get("layer_form") == "fused":
+            results += _verify_fused_layer(Path(folder) / entry["file"], name, gpt.layers[int(name[6:])], cfg)
+            if bar is not None:
+                bar.update(1)
+            continue
         elif name.startswith("layer_"):
             mod, args = LayerBlock(gpt.layers[int(name[6:])]), example_inputs(cfg, "layer", B=2, S=3, P=5, seed=12)
         elif name == "head_code":
@@ -149,6 +154,32 @@ def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
     if bar is not None:
         bar.close()
     return results
+
+
+def _verify_fused_layer(path: Path, name: str, layer, cfg) -> list:
+    """A fused layer against the PyTorch layer: a batch-2 prefill and a batch-2 decode step over a cache."""
+    import torch
+
+    from .fused import run_fused_reference_inputs
+
+    sess = _ort_session(path)
+    worst = {"hidden_out": [0.0, 0.0, 0.0], "present_key": [0.0, 0.0, 0.0], "present_value": [0.0, 0.0, 0.0]}
+    for B, S, P in ((2, 3, 0), (2, 1, 5)):
+        feed, args = run_fused_reference_inputs(cfg, B=B, S=S, P=P, M=16, seed=12 + P)
+        h, k, v = sess.run(None, feed)
+        with torch.no_grad():
+            wh, wk, wv = (t.numpy() for t in layer(*args))
+        pairs = {"hidden_out": (h, wh), "present_key": (k[:, :, P:P + S], wk.transpose(1, 2, 0, 3)),
+                 "present_value": (v[:, :, P:P + S], wv.transpose(1, 2, 0, 3))}
+        for out, (g, w) in pairs.items():
+            a, r = _errors(g, w)
+            wm = worst[out]
+            wm[0], wm[1], wm[2] = max(wm[0], a), max(wm[1], r), max(wm[2], float(np.abs(w).max()))
+        # The cached positions before P must be untouched (past and present share the buffer).
+        if P and not (np.array_equal(k[:, :, :P], feed["past_key"][:, :, :P])
+                      and np.array_equal(v[:, :, :P], feed["past_value"][:, :, :P])):
+            worst["present_key"][0] = float("inf")
+    return [BlockResult(name, out, a, r, a <= ATOL + RTOL * scale) for out, (a, r, scale) in worst.items()]
 
 
 def verify_chain(folder, gpt, cfg, steps: int = 100, seed: int = 0) -> dict:

@@ -1,0 +1,129 @@
+"""The "fused" decoder-layer graph: one LLaMA layer built around ONNX Runtime's GroupQueryAttention.
+
+Why a second layer form: the portable layer (standard ONNX ops) reads its past K/V as a [P, B, H, D] view and
+must concatenate and transpose it inside the graph every step, which costs memory traffic that grows with the
+context. GroupQueryAttention (com.microsoft) instead works on a KV buffer laid out [B, H, M, D] for the whole
+max context M, with past and present bound to the *same* buffer: it appends the new positions in place and
+reads each head's keys as one contiguous slab. Rotary embedding happens inside the op (rotate_half form, cos/sin
+caches [M, D/2] as inputs), and per-row lengths (`seqlens_k`) replace the attention mask, so batches are
+right-padded in this form. The same form is what CUDA graphs need (fixed shapes and addresses).
+
+The graph is written directly with onnx.helper from a `model.DecoderLayer`'s weights (QKV and gate/up
+projections packed into one MatMul each); `verify` checks it against the PyTorch layer.
+
+IO (see docs/FORMAT.md): hidden [B,S,E], past_key / past_value [B,H,M,D], seqlens_k int32 [B] (row length
+including the new positions, minus one), total_sequence_length int32 [], cos_cache / sin_cache [M, D/2]
+-> hidden_out [B,S,E], present_key / present_value [B,H,M,D] (bind them to the past buffers).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FUSED_INPUTS = ["hidden", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
+FUSED_OUTPUTS = ["hidden_out", "present_key", "present_value"]
+
+
+def rope_cache(max_positions: int, head_dim: int, theta: float):
+    """cos/sin caches [M, D/2] in float32, computed the way PyTorch/transformers compute rotary tables
+    (fp32 inverse frequencies, one fp32 product per position, then cos/sin)."""
+    ex = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (np.float32(1.0) / np.power(np.float32(theta), ex, dtype=np.float32)).astype(np.float32)
+    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv[None, :]
+    return np.cos(freqs.astype(np.float64)).astype(np.float32), np.sin(freqs.astype(np.float64)).astype(np.float32)
+
+
+def _rmsnorm(x: str, weight: str, eps: float, out: str, nodes: list, inits: list, w: np.ndarray):
+    inits.append(numpy_helper.from_array(w.astype(np.float32), weight))
+    inits.append(numpy_helper.from_array(np.array(eps, np.float32), f"{out}_eps"))
+    nodes += [
+        helper.make_node("Mul", [x, x], [f"{out}_sq"]),
+        helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_mean"], axes=[-1], keepdims=1),
+        helper.make_node("Add", [f"{out}_mean", f"{out}_eps"], [f"{out}_var"]),
+        helper.make_node("Sqrt", [f"{out}_var"], [f"{out}_std"]),
+        helper.make_node("Reciprocal", [f"{out}_std"], [f"{out}_inv"]),
+        helper.make_node("Mul", [x, f"{out}_inv"], [f"{out}_normed"]),
+        helper.make_node("Mul", [weight, f"{out}_normed"], [out]),
+    ]
+
+
+def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
+    """An onnx.ModelProto of `layer` (a model.DecoderLayer) in the fused form."""
+    E, H, D, F = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+    sd = {k: v.detach().cpu().float().numpy() for k, v in layer.state_dict().items()}
+    nodes, inits = [], []
+
+    def weight(n, arr):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), n))
+        return n
+
+    _rmsnorm("hidden", "input_layernorm.weight", cfg.rms_norm_eps, "attn_in", nodes, inits, sd["input_layernorm.weight"])
+    w_qkv = np.concatenate([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]], 0).T  # [E, 3E]
+    nodes.append(helper.make_node("MatMul", ["attn_in", weight("qkv_proj.weight", w_qkv)], ["qkv"]))
+    nodes.append(helper.make_node(
+        "GroupQueryAttention",
+        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        ["attn", "present_key", "present_value"], domain="com.microsoft",
+        num_heads=H, kv_num_heads=H, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(D))))
+    nodes.append(helper.make_node("MatMul", ["attn", weight("o_proj.weight", sd["o_proj.weight"].T)], ["attn_out"]))
+    nodes.append(helper.make_node("Add", ["hidden", "attn_out"], ["h1"]))
+    _rmsnorm("h1", "post_attention_layernorm.weight", cfg.rms_norm_eps, "mlp_in", nodes, inits,
+             sd["post_attention_layernorm.weight"])
+    w_gu = np.concatenate([sd["gate_proj.weight"], sd["up_proj.weight"]], 0).T  # [E, 2F]
+    nodes.append(helper.make_node("MatMul", ["mlp_in", weight("gate_up_proj.weight", w_gu)], ["gate_up"]))
+    inits.append(numpy_helper.from_array(np.array([F, F], np.int64), "split_sizes"))
+    nodes.append(helper.make_node("Split", ["gate_up", "split_sizes"], ["gate", "up"], axis=-1))
+    nodes.append(helper.make_node("Sigmoid", ["gate"], ["gate_sig"]))
+    nodes.append(helper.make_node("Mul", ["gate", "gate_sig"], ["gate_act"]))
+    nodes.append(helper.make_node("Mul", ["gate_act", "up"], ["mlp_act"]))
+    nodes.append(helper.make_node("MatMul", ["mlp_act", weight("down_proj.weight", sd["down_proj.weight"].T)], ["mlp_out"]))
+    nodes.append(helper.make_node("Add", ["h1", "mlp_out"], ["hidden_out"]))
+
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("hidden", f, ["B", "S", E]),
+        helper.make_tensor_value_info("past_key", f, ["B", H, "M", D]),
+        helper.make_tensor_value_info("past_value", f, ["B", H, "M", D]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("cos_cache", f, ["M", D // 2]),
+        helper.make_tensor_value_info("sin_cache", f, ["M", D // 2]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("hidden_out", f, ["B", "S", E]),
+        helper.make_tensor_value_info("present_key", f, ["B", H, "M", D]),
+        helper.make_tensor_value_info("present_value", f, ["B", H, "M", D]),
+    ]
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="chattts-ort")
+    model.ir_version = 8
+    return model
+
+
+def run_fused_reference_inputs(cfg, B=2, S=3, P=5, M=16, seed=0):
+    """Inputs for checking a fused layer against the PyTorch layer: every row has P cached positions.
+
+    Returns (fused feed dict, torch args for model.DecoderLayer) describing the same computation."""
+    import torch
+
+    from .model import attention_bias, rope_cos_sin
+
+    g = torch.Generator().manual_seed(seed)
+    E, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    hidden = torch.randn(B, S, E, generator=g)
+    pk = torch.randn(P, B, H, D, generator=g)
+    pv = torch.randn(P, B, H, D, generator=g)
+    pos = torch.arange(P, P + S).unsqueeze(0).repeat(B, 1)
+    cos, sin = rope_cos_sin(pos, D, cfg.rope_theta)
+    bias = attention_bias(torch.ones(B, P + S, dtype=torch.int64), S)
+    kbuf = np.zeros((B, H, M, D), np.float32)
+    vbuf = np.zeros((B, H, M, D), np.float32)
+    kbuf[:, :, :P] = pk.permute(1, 2, 0, 3).numpy()
+    vbuf[:, :, :P] = pv.permute(1, 2, 0, 3).numpy()
+    cc, sc = rope_cache(M, D, cfg.rope_theta)
+    feed = {"hidden": hidden.numpy(), "past_key": kbuf, "past_value": vbuf,
+            "seqlens_k": np.full(B, P + S - 1, np.int32), "total_sequence_length": np.array(P + S, np.int32),
+            "cos_cache": cc, "sin_cache": sc}
+    return feed, (hidden, cos, sin, bias, pk, pv)
