@@ -21,6 +21,7 @@ class LoopResult:
     hidden: list = field(default_factory=list)     # per row: list of [E] arrays
     end_step: list = field(default_factory=list)   # per row: step of EOS, or None
     noise: list = field(default_factory=list)      # per step: the [N, V] noise used
+    logits: list = field(default_factory=list)     # per step: raw logits [N, V] (record_logits=True)
     steps: int = 0
 
 
@@ -52,8 +53,9 @@ class OrtLoop:
 
     def generate(self, prompts, *, text_mode=False, temperature=(0.3, 0.3, 0.3, 0.3), repetition_penalty=1.05,
                  top_p=0.7, top_k=20, max_new_token=100, min_new_token=0, eos_id=None, speaker=None,
-                 noise=None, greedy=False, seed=0) -> LoopResult:
-        """noise: None (numpy Exp(1) from `seed`), an array [steps, N, V], or a callable(step, N, V)."""
+                 noise=None, greedy=False, seed=0, record_logits=False, forced=None) -> LoopResult:
+        """noise: None (numpy Exp(1) from `seed`), an array [steps, N, V], or a callable(step, N, V).
+        forced: ids [steps, N] to feed back instead of the sampled ones (teacher forcing, for comparisons)."""
         ids, mask = left_pad(prompts)
         B, T = mask.shape
         k = 1 if text_mode else self.num_vq
@@ -136,6 +138,10 @@ class OrtLoop:
                 "top_p": np.array(top_p, np.float32), "top_k": np.array(top_k, np.int64),
                 "eos_id": np.array(eos, np.int64), "block_eos": np.array(step < min_new_token),
                 "noise": q})
+            if record_logits:
+                res.logits.append(logits.reshape(N, V).copy())
+            if forced is not None:
+                nxt = np.asarray(forced[step], np.int64).reshape(N)
             history[:, step % 16] = nxt
             per_row = nxt.reshape(B, k)
             for b in range(B):

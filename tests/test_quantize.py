@@ -1,0 +1,104 @@
+"""Per-block quantization of the tiny model: plans, manifests, the error report, bad input."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from chattts_ort import InferCodeParams, Runtime
+from chattts_ort.export import load_manifest
+from chattts_ort.quantize import QuantizeError, compare_exports, optimize_export, quantize_export, resolve_plan
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_export):
+    return tiny_export
+
+
+@pytest.mark.parametrize("plan,expect", [
+    ("fp16", {"embed": "fp16", "layer_00": "fp16", "head_code": "fp16", "sample": "fp32"}),
+    ("int8", {"embed": "fp32", "layer_00": "int8", "layer_01": "int8", "head_code": "fp32"}),
+    ("int8-dynamic", {"layer_01": "int8-dynamic", "head_text": "fp32"}),
+    ("int4", {"layer_00": "int4", "head_code": "fp32"}),
+    ("int4-edges", {"layer_00": "int8", "layer_01": "int8"}),  # 2 layers: both are edges
+    ('{"layers": "int4", "layer_01": "int8", "head_code": "int8"}', {"layer_00": "int4", "layer_01": "int8", "head_code": "int8"}),
+])
+def test_plans_write_runnable_exports(fp32, tmp_path, plan, expect):
+    out = tmp_path / "q"
+    rep = quantize_export(fp32, out, plan=plan, progress=False)
+    m = load_manifest(out)
+    prec = {n: e["precision"] for n, e in [("embed", m["graphs"]["embed"]), ("head_code", m["graphs"]["head_code"]),
+                                           ("head_text", m["graphs"]["head_text"]), ("sample", m["graphs"]["sample"])]}
+    prec.update({f"layer_{i:02d}": e["precision"] for i, e in enumerate(m["graphs"]["layers"])})
+    for k, v in expect.items():
+        assert prec[k] == v, (k, prec)
+    assert m["quantization"]["plan"] == plan
+    if "int" in plan or "fp16" in plan:
+        assert rep.bytes_out < rep.bytes_in
+    for e in m["graphs"]["layers"]:
+        ort.InferenceSession(str(out / e["file"]), providers=["CPUExecutionProvider"])
+    # The C++ runtime runs every plan.
+    codes = Runtime.load(out, threads=1, max_context=128).generate(
+        "hello", params=InferCodeParams(max_new_token=8, min_new_token=8, manual_seed=0)).codes[0]
+    assert codes.shape == (8, 4)
+
+
+def test_report_numbers_are_measured(fp32, tmp_path):
+    reports = {}
+    for plan in ("int8", "int4"):
+        quantize_export(fp32, tmp_path / plan, plan=plan, progress=False)
+        reports[plan] = compare_exports(tmp_path / plan, fp32, steps=40)
+    same = compare_exports(fp32, fp32, steps=40)
+    assert same.chain["agreement"] == 1.0 and same.chain["mean_kl"] == pytest.approx(0, abs=1e-12)
+    assert all(b["rel_l2"] == 0 for b in same.blocks)
+    def err(rep):
+        return max(b["rel_l2"] for b in rep.blocks if b["block"].startswith("layer_") and b["output"] == "hidden_out")
+    assert 0 < err(reports["int8"]) < err(reports["int4"]) < 0.2
+    layer_errs = [b["rel_l2"] for b in reports["int4"].blocks if b["block"].startswith("layer_")]
+    assert len(set(layer_errs)) > 1  # computed per block, not a constant
+    for rep in reports.values():
+        assert 0 <= rep.chain["agreement"] <= 1 and np.isfinite(rep.chain["mean_kl"]) and rep.chain["mean_kl"] > 0
+        assert rep.worst_block.startswith("layer_")
+        assert "block that loses most" in rep.table()
+    assert reports["int8"].chain["agreement"] >= 0.95 and reports["int8"].ok
+    if reports["int8"].plot is not None:
+        assert reports["int8"].plot.stat().st_size > 1000
+
+
+def test_cli_verify_against(fp32, tmp_path):
+    from chattts_ort.cli import main
+
+    quantize_export(fp32, tmp_path / "q", plan="int8", progress=False)
+    assert main(["verify", str(tmp_path / "q"), "--against", str(fp32), "--steps", "20", "--quiet"]) == 0
+    saved = json.loads((tmp_path / "q" / "verify.json").read_text())
+    assert saved["worst_block"].startswith("layer_") and saved["chain"]["steps"] == 20
+
+
+def test_optimized_export_runs_the_same(fp32, tmp_path):
+    out = optimize_export(fp32, tmp_path / "opt", progress=False)
+    assert load_manifest(out)["optimized"] == "ort-extended"
+    p = InferCodeParams(max_new_token=10, min_new_token=10, manual_seed=3)
+    a = Runtime.load(fp32, threads=1, max_context=128).generate("hello", params=p).codes[0]
+    b = Runtime.load(out, threads=1, max_context=128).generate("hello", params=p).codes[0]
+    assert np.array_equal(a, b)
+
+
+def test_bad_plans_and_inputs(fp32, tmp_path):
+    m = load_manifest(fp32)
+    with pytest.raises(QuantizeError, match="unknown plan"):
+        resolve_plan("int3", m)
+    with pytest.raises(QuantizeError, match="layer_07"):
+        resolve_plan({"layer_07": "int8"}, m)
+    with pytest.raises(QuantizeError, match="unknown precision"):
+        resolve_plan({"layers": "int2"}, m)
+    with pytest.raises(QuantizeError, match="embed"):
+        resolve_plan({"embed": "int4"}, m)
+    with pytest.raises(QuantizeError, match="JSON"):
+        resolve_plan("{not json", m)
+    quantize_export(fp32, tmp_path / "q", plan="int8", progress=False)
+    with pytest.raises(QuantizeError, match="already quantized"):
+        quantize_export(tmp_path / "q", tmp_path / "qq", plan="int4", progress=False)
+    with pytest.raises(QuantizeError, match="already exists"):
+        quantize_export(fp32, tmp_path / "q", plan="int8", progress=False)
+    assert not (tmp_path / "qq").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # nothing half-written
