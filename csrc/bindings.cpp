@@ -186,6 +186,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("return_hidden") = false,
            "Run one step (the first runs the prefill). Returns (step, rows, ids, hidden, ended_rows, done, reason).")
       .def_property_readonly("active", &Engine::active)
+      .def("profile", &Engine::profile, py::arg("on"), "Time every block (for chattts_ort.Runtime.profile).")
+      .def("take_profile", &Engine::take_profile, "Summed ms per block since the last call, and the step count.")
       .def("reset", &Engine::reset, "End the generation in progress (buffers are kept).")
       .def("terminate", &Engine::terminate, "Cut a Run in flight (safe from another thread).");
 }

@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -223,8 +224,29 @@ void Engine::reset() {
 
 void Engine::terminate() { run_opts_.SetTerminate(); }
 
+namespace {
+using Clock = std::chrono::steady_clock;
+inline double ms_since(Clock::time_point& t) {
+  auto now = Clock::now();
+  double ms = std::chrono::duration<double, std::milli>(now - t).count();
+  t = now;
+  return ms;
+}
+}  // namespace
+
+std::vector<std::pair<std::string, double>> Engine::take_profile() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::pair<std::string, double>> out = {
+      {"steps", double(prof_steps_)}, {"embed", prof_embed_}, {"layers", prof_layers_}, {"head", prof_head_},
+      {"noise", prof_noise_}, {"sample", prof_sample_}, {"other", prof_other_}};
+  prof_embed_ = prof_layers_ = prof_head_ = prof_noise_ = prof_sample_ = prof_other_ = 0;
+  prof_steps_ = 0;
+  return out;
+}
+
 StepResult Engine::step(bool return_hidden) {
   std::lock_guard<std::mutex> lock(mutex_);
+  Clock::time_point tp = Clock::now();
   if (!active_) throw Error("no generation in progress");
   StepResult res;
   const bool text = g_.text_mode;
@@ -275,7 +297,9 @@ StepResult Engine::step(bool return_hidden) {
   embed_->bind_output("cos", view(cos_.data(), {B, S, D}));
   embed_->bind_output("sin", view(sin_.data(), {B, S, D}));
   embed_->bind_output("attn_bias", view(bias_.data(), {B, 1, S, Le}));
+  if (profile_) prof_other_ += ms_since(tp);
   embed_->run(run_opts_);
+  if (profile_) prof_embed_ += ms_since(tp);
 
   // 3. The layer chain; each present K/V lands in its place in the cache.
   float* cur = h0_.data();
@@ -303,6 +327,7 @@ StepResult Engine::step(bool return_hidden) {
     run_layers_portable(S, P, cur, nxt);
   }
 
+  if (profile_) prof_layers_ += ms_since(tp);
   // 4. Head: logits of the last position and the final hidden state.
   Session& head = text ? *head_text_ : *head_code_;
   head.bind_input("hidden", view(cur, {B, S_head, E}));
@@ -312,6 +337,7 @@ StepResult Engine::step(bool return_hidden) {
     head.bind_output("logits", view(logits_.data(), {B, k, V}));
   head.bind_output("last_hidden", view(last_hidden_.data(), {B, E}));
   head.run(run_opts_);
+  if (profile_) prof_head_ += ms_since(tp);
 
   // 5. Sample head: temperature, repetition penalty, top-p, top-k, EOS gate, draw.
   float* noise = noise_.data();
@@ -321,6 +347,7 @@ StepResult Engine::step(bool return_hidden) {
   } else if (!g_.greedy) {
     fill_noise(N, V);
   }
+  if (profile_) prof_noise_ += ms_since(tp);
   block_eos_ = step_ < g_.min_new_token;
   sample_->bind_input("logits", view(logits_.data(), {N, V}));
   sample_->bind_input("temperature", view(temperature_.data(), {N}));
@@ -333,6 +360,7 @@ StepResult Engine::step(bool return_hidden) {
   sample_->bind_input("noise", view(noise, {N, V}));
   sample_->bind_output("next_ids", view(next_ids_.data(), {N}));
   sample_->run(run_opts_);
+  if (profile_) prof_sample_ += ms_since(tp);
 
   // 6. Stop logic: a row ends when any of its codes is EOS (that frame is dropped).
   res.step = step_;
@@ -352,6 +380,10 @@ StepResult Engine::step(bool return_hidden) {
   for (int64_t n = 0; n < N; ++n) history_[n * 16 + (step_ % 16)] = next_ids_[n];
   P_ = L;
   ++step_;
+  if (profile_) {
+    prof_other_ += ms_since(tp);
+    ++prof_steps_;
+  }
 
   bool all_done = std::all_of(finished_.begin(), finished_.end(), [](uint8_t f) { return f != 0; });
   if (all_done) res.stop_reason = "eos";

@@ -69,6 +69,9 @@ class Engine {
   StepResult step(bool return_hidden);   // the first call runs the prefill
   bool active() const { return active_; }
   void reset();                          // ends the generation; buffers stay for the next one
+  // Per-block wall time (ms) summed over the steps since the last call; enabled by profile(true).
+  void profile(bool on) { profile_ = on; }
+  std::vector<std::pair<std::string, double>> take_profile();
   void terminate();                      // from another thread: cut a Run in flight
 
  private:
@@ -106,6 +109,9 @@ class Engine {
   std::vector<int64_t> last_pos_;
   std::vector<uint8_t> finished_;
   uint64_t rng_[4] = {0, 0, 0, 0};
+  bool profile_ = false;
+  double prof_embed_ = 0, prof_layers_ = 0, prof_head_ = 0, prof_noise_ = 0, prof_sample_ = 0, prof_other_ = 0;
+  int64_t prof_steps_ = 0;
 };
 
 }  // namespace chattts

@@ -92,3 +92,33 @@ def test_corrupt_safetensors(tiny_folder):
 def test_real_config_reads(chattts_asset_dir):
     cfg = GPTConfig.from_json(chattts_asset_dir / "gpt" / "config.json")
     assert cfg == GPTConfig.full()
+
+
+def test_default_tiny_folder_is_cached(_private_cache):
+    from chattts_ort.assets import tiny_asset_folder
+
+    a = tiny_asset_folder()
+    assert str(a).startswith(str(_private_cache))
+    mtime = (a / "gpt" / "model.safetensors").stat().st_mtime_ns
+    assert tiny_asset_folder() == a  # second call reuses it
+    assert (a / "gpt" / "model.safetensors").stat().st_mtime_ns == mtime
+    gpt, cfg, _ = load_asset_folder(a, device="cpu")
+    assert cfg == GPTConfig.tiny() and next(gpt.parameters()).device.type == "cpu"
+
+
+def test_gqa_config_rejected(tiny_folder):
+    p = tiny_folder / "gpt" / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["num_key_value_heads"] = 1
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(AssetError, match="config.json.*GQA"):
+        load_asset_folder(tiny_folder)
+
+
+def test_embed_tokens_ignored(tiny_folder):
+    # A real gpt/model.safetensors may carry LlamaModel's embed_tokens (ChatTTS never uses it).
+    p = tiny_folder / "gpt" / "model.safetensors"
+    sd = load_file(str(p))
+    sd["embed_tokens.weight"] = torch.zeros(32000, GPTConfig.tiny().hidden_size)
+    save_file(sd, str(p))
+    load_asset_folder(tiny_folder)

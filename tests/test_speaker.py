@@ -37,3 +37,12 @@ def test_corrupt_and_wrong_size():
         decode_spk_emb("")
     with pytest.raises(ValueError, match="expected 768"):
         decode_spk_emb(encode_spk_emb(np.zeros(10, np.float16)))
+
+
+def test_random_speaker_values_scale():
+    from chattts_ort.speaker import RANDOM_SPEAKER_STD, random_speaker_values
+
+    v = random_speaker_values(3)
+    assert v.dtype == np.float16 and v.shape == (768,)
+    assert abs(float(v.astype(np.float32).std()) / RANDOM_SPEAKER_STD - 1) < 0.1
+    np.testing.assert_array_equal(decode_spk_emb(random_speaker(3)), v)

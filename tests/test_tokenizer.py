@@ -31,6 +31,17 @@ def test_real_tokenizer_matches_tokenizers_library(chattts_asset_dir):
     assert ids[:3] == [21131, 21143, 21173] and ids[-1] == 21132
 
 
+def test_added_token_table_matches_real_file(chattts_asset_dir):
+    import json
+
+    from chattts_ort.config import BERT_SPECIAL
+
+    data = json.loads((chattts_asset_dir / "tokenizer" / "tokenizer.json").read_text())
+    real = {a["content"]: a["id"] for a in data["added_tokens"]}
+    assert real == {**BERT_SPECIAL, **ADDED_TOKENS}
+    assert len(ADDED_TOKENS) == 50
+
+
 def test_generated_tokenizer(tmp_path):
     p = make_generated_tokenizer(tmp_path / "tokenizer.json")
     tok = Tokenizer(p)

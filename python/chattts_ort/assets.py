@@ -87,8 +87,9 @@ def gpt_from_state_dicts(cfg: GPTConfig, llama_sd, embed_sd, llama_path=Path("gp
     return model.eval()
 
 
-def load_asset_folder(path) -> Tuple[ChatTTSGPT, GPTConfig, Path]:
-    """(model, config, tokenizer.json path) from a ChatTTS asset folder."""
+def load_asset_folder(path, device="cpu") -> Tuple[ChatTTSGPT, GPTConfig, Path]:
+    """(model, config, tokenizer.json path) from a ChatTTS asset folder (gpt/model.safetensors' LlamaModel
+    embed_tokens, unused by ChatTTS, is ignored when present)."""
     path = Path(path)
     if not path.is_dir():
         raise AssetError(f"{path}: asset folder not found")
@@ -99,7 +100,7 @@ def load_asset_folder(path) -> Tuple[ChatTTSGPT, GPTConfig, Path]:
         raise AssetError(f"{tok}: tokenizer file not found")
     model = gpt_from_state_dicts(cfg, _load_safetensors(llama_path), _load_safetensors(embed_path),
                                  llama_path, embed_path)
-    return model, cfg, tok
+    return model.to(device), cfg, tok
 
 
 def random_state_dicts(cfg: GPTConfig, seed: int = 0):
@@ -180,3 +181,18 @@ def to_transformers_llama_state_dict(model: ChatTTSGPT) -> Dict[str, torch.Tenso
             sd[f"layers.{i}.{theirs}"] = lsd[mine]
     sd["norm.weight"] = model.heads.norm.weight.detach()
     return sd
+
+
+def default_asset_folder(seed: int = 0) -> Path:
+    """The embedded default: a random full-shape model in ChatTTS's layout, cached under
+    $CHATTTS_ORT_CACHE (or ~/.cache/chattts-ort) in assets/random-full-seed{seed}, written on first use."""
+    from .defaults import random_asset_folder
+
+    return random_asset_folder("full", seed)
+
+
+def tiny_asset_folder(seed: int = 0) -> Path:
+    """The tiny-shape variant of default_asset_folder (for tests)."""
+    from .defaults import random_asset_folder
+
+    return random_asset_folder("tiny", seed)

@@ -34,20 +34,6 @@ def rope_cache(max_positions: int, head_dim: int, theta: float):
     return np.cos(freqs.astype(np.float64)).astype(np.float32), np.sin(freqs.astype(np.float64)).astype(np.float32)
 
 
-def _rmsnorm(x: str, weight: str, eps: float, out: str, nodes: list, inits: list, w: np.ndarray):
-    inits.append(numpy_helper.from_array(w.astype(np.float32), weight))
-    inits.append(numpy_helper.from_array(np.array(eps, np.float32), f"{out}_eps"))
-    nodes += [
-        helper.make_node("Mul", [x, x], [f"{out}_sq"]),
-        helper.make_node("ReduceMean", [f"{out}_sq"], [f"{out}_mean"], axes=[-1], keepdims=1),
-        helper.make_node("Add", [f"{out}_mean", f"{out}_eps"], [f"{out}_var"]),
-        helper.make_node("Sqrt", [f"{out}_var"], [f"{out}_std"]),
-        helper.make_node("Reciprocal", [f"{out}_std"], [f"{out}_inv"]),
-        helper.make_node("Mul", [x, f"{out}_inv"], [f"{out}_normed"]),
-        helper.make_node("Mul", [weight, f"{out}_normed"], [out]),
-    ]
-
-
 def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
     """An onnx.ModelProto of `layer` (a model.DecoderLayer) in the fused form."""
     E, H, D, F = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
@@ -58,7 +44,12 @@ def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), n))
         return n
 
-    _rmsnorm("hidden", "input_layernorm.weight", cfg.rms_norm_eps, "attn_in", nodes, inits, sd["input_layernorm.weight"])
+    eps = float(cfg.rms_norm_eps)
+    # RMSNorm as ONNX Runtime's own kernels (one op each instead of seven elementwise ones): the input norm,
+    # then the residual add fused with the post-attention norm (its 4th output is the sum, h1).
+    nodes.append(helper.make_node("SimplifiedLayerNormalization",
+                                  ["hidden", weight("input_layernorm.weight", sd["input_layernorm.weight"])],
+                                  ["attn_in"], axis=-1, epsilon=eps, stash_type=1))
     w_qkv = np.concatenate([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]], 0).T  # [E, 3E]
     nodes.append(helper.make_node("MatMul", ["attn_in", weight("qkv_proj.weight", w_qkv)], ["qkv"]))
     nodes.append(helper.make_node(
@@ -67,9 +58,10 @@ def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
         ["attn", "present_key", "present_value"], domain="com.microsoft",
         num_heads=H, kv_num_heads=H, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(D))))
     nodes.append(helper.make_node("MatMul", ["attn", weight("o_proj.weight", sd["o_proj.weight"].T)], ["attn_out"]))
-    nodes.append(helper.make_node("Add", ["hidden", "attn_out"], ["h1"]))
-    _rmsnorm("h1", "post_attention_layernorm.weight", cfg.rms_norm_eps, "mlp_in", nodes, inits,
-             sd["post_attention_layernorm.weight"])
+    nodes.append(helper.make_node(
+        "SkipSimplifiedLayerNormalization",
+        ["attn_out", "hidden", weight("post_attention_layernorm.weight", sd["post_attention_layernorm.weight"])],
+        ["mlp_in", "", "", "h1"], domain="com.microsoft", epsilon=eps))
     w_gu = np.concatenate([sd["gate_proj.weight"], sd["up_proj.weight"]], 0).T  # [E, 2F]
     nodes.append(helper.make_node("MatMul", ["mlp_in", weight("gate_up_proj.weight", w_gu)], ["gate_up"]))
     inits.append(numpy_helper.from_array(np.array([F, F], np.int64), "split_sizes"))

@@ -34,6 +34,9 @@ class OrtLoop:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        # 23 sessions each with its own pool: spinning workers of one session would steal the cores of the
+        # next. (The C++ core shares one global pool instead.)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         g = self.manifest["graphs"]
 
         def sess(entry):

@@ -34,11 +34,14 @@ ALLOWED = {"embed": ("fp32", "fp16"), "sample": ("fp32",)}  # other blocks take 
 PLANS = {
     "fp32": {},
     "fp16": {"embed": "fp16", "layers": "fp16", "head_code": "fp16", "head_text": "fp16"},
-    "int8": {"layers": "int8"},
-    "int8-all": {"layers": "int8", "head_code": "int8", "head_text": "int8"},
+    # The code heads read 7.7 MB of fp32 weights per step, as much as two int4 layers: they go to int8 too.
+    "int8": {"layers": "int8", "head_code": "int8", "head_text": "int8"},
+    "int8-layers": {"layers": "int8"},
     "int8-dynamic": {"layers": "int8-dynamic"},
-    "int4": {"layers": "int4"},
-    "int4-edges": {"layers": "int4", "first_layer": "int8", "last_layer": "int8"},
+    "int4": {"layers": "int4", "head_code": "int8", "head_text": "int8"},
+    "int4-layers": {"layers": "int4"},
+    "int4-edges": {"layers": "int4", "first_layer": "int8", "last_layer": "int8", "head_code": "int8",
+                   "head_text": "int8"},
 }
 
 
@@ -190,15 +193,22 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(precisions), desc="quantize", unit="graph", leave=False)
-        level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every node at INFO
+        # The quantizer logs every node at INFO through loggers of its own (created when it is imported).
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
+        loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                                           if n.startswith("onnxruntime")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
         try:
             for name, entry in iter_graphs(manifest):
                 quantize_block(inp / entry["file"], tmp / entry["file"], precisions[name], block_size)
                 if bar is not None:
                     bar.update(1)
         finally:
-            logging.getLogger().setLevel(level)
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
             if bar is not None:
                 bar.close()
         shutil.copyfile(inp / manifest.get("tokenizer", "tokenizer.json"), tmp / "tokenizer.json")

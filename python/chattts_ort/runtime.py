@@ -245,6 +245,23 @@ class Runtime:
         return self._run(prompts, text_mode=False, temperature=temps, params=params, speaker=spk, noise=noise,
                          return_hidden=params.return_hidden)
 
+    def stream_tokens(self, prompts, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
+                      noise: Optional[np.ndarray] = None) -> Iterator[Frame]:
+        """Like stream(), for prompts already tokenized: a list of token-id lists (one per batch row), used
+        as they are (no template is applied)."""
+        params = params or InferCodeParams()
+        params.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        V = self.config["num_text_tokens"]
+        for p in prompts:
+            if min(p) < 0 or max(p) >= V:
+                raise ValueError(f"token ids must be in [0, {V})")
+        spk = self._speakers(speaker if speaker is not None else params.spk_emb, len(prompts))
+        temps = params.temperature if isinstance(params.temperature, (list, tuple)) else [params.temperature] * self.config["num_vq"]
+        return self._run([list(map(int, p)) for p in prompts], text_mode=False, temperature=temps, params=params,
+                         speaker=spk, noise=noise, return_hidden=params.return_hidden)
+
     def generate(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
                  noise: Optional[np.ndarray] = None) -> Generation:
         """All frames at once: `codes[row]` is int64 [n_frames, 4]; `hidden[row]` [n_frames, 768] if asked."""

@@ -31,9 +31,12 @@ def process_logits(logits, temperature, penalty, history, top_p, top_k, eos_id, 
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     x = torch.where(drop, torch.full_like(x, NEG_INF), x)
     # Top-k: k = min(max(top_k, 3), V); everything below the k-th largest goes (ties with it stay).
+    # Top-p dropped a prefix of the ascending order, so the k-th largest after it is sorted_x[V - k] unless
+    # that entry was dropped (then it is -inf and top-k removes nothing more): no second sort needed.
     k = torch.clamp(torch.clamp(top_k, min=3), max=V)
-    desc, _ = torch.sort(x, dim=1, descending=True)
-    kth = torch.gather(desc, 1, (k - 1).view(1, 1).expand(N, 1))
+    idx = (V - k).view(1, 1).expand(N, 1)
+    kth = torch.where(torch.gather(drop_sorted, 1, idx), torch.full_like(sorted_x[:, :1], NEG_INF),
+                      torch.gather(sorted_x, 1, idx))
     x = torch.where(x < kth, torch.full_like(x, NEG_INF), x)
     # EOS gate.
     eos = (vocab == eos_id) & block_eos

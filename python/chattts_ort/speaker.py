@@ -75,9 +75,18 @@ def decode_spk_emb(s: str, dim: int = 768) -> np.ndarray:
     return arr
 
 
-def random_speaker(seed: int = 0, dim: int = 768) -> str:
-    """A seeded random speaker as a spk_emb string. ChatTTS samples from its spk_stat (per-dimension mean and
-    std, shipped with the real weights); without it we draw N(0, 1) per dimension, the scale the embedding
-    has after normalisation does not depend on."""
+# ChatTTS's spk_stat (per-dimension std and mean of its speakers, shipped in its config) has stds of 1.6 to
+# 15.7, 3.75 on average, and means of magnitude ~1. We do not ship spk_stat; a random speaker is N(0, 3.75^2)
+# per dimension: ChatTTS-like in scale, not in direction. The GPT sees only the normalised direction.
+RANDOM_SPEAKER_STD = 3.75
+
+
+def random_speaker_values(seed: int = 0, dim: int = 768) -> np.ndarray:
+    """Seeded random speaker values, fp16 [dim] (see RANDOM_SPEAKER_STD)."""
     rng = np.random.default_rng(seed)
-    return encode_spk_emb(rng.standard_normal(dim).astype(np.float16))
+    return (rng.standard_normal(dim) * RANDOM_SPEAKER_STD).astype(np.float16)
+
+
+def random_speaker(seed: int = 0, dim: int = 768) -> str:
+    """A seeded random speaker as a spk_emb string (random_speaker_values, encoded)."""
+    return encode_spk_emb(random_speaker_values(seed, dim))
