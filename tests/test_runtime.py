@@ -210,3 +210,20 @@ def test_cuda_without_cuda_is_clear(tiny_export):
         Runtime.load(tiny_export, device="cuda")
     with pytest.raises(ValueError, match="device"):
         Runtime.load(tiny_export, device="tpu")
+
+
+def test_profile_reports_blocks(rt):
+    rt.profile(True)
+    rt.generate("hello", params=InferCodeParams(max_new_token=10, min_new_token=10))
+    p = rt.profile()
+    rt.profile(False)
+    assert p["steps"] == 10 and p["layers"] > 0 and p["sample"] > 0 and p["embed"] > 0
+
+
+def test_demo_cli(tiny_export, capsys):
+    from chattts_ort.cli import main
+
+    assert main(["demo", "hello world", "--model", str(tiny_export), "--frames", "20", "--min-frames", "20",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "20 frames" in out and "real-time factor" in out and "time to first frame" in out

@@ -145,6 +145,17 @@ class Runtime:
         return cls(folder, manifest, engine, Tokenizer(tok_path), device, threads, int(max_context))
 
     # ------------------------------------------------------------------------------------------------------
+    def profile(self, enable: Optional[bool] = None) -> dict:
+        """Per-block time of the C++ loop. `profile(True)` starts timing (the cost is a clock read per block);
+        `profile()` returns {block: mean ms per step} over the steps since the last call and resets the sums."""
+        if enable is not None:
+            self._engine.profile(bool(enable))
+            self._engine.take_profile()
+            return {}
+        raw = dict(self._engine.take_profile())
+        n = raw.pop("steps", 0)
+        return {k: (v / n if n else 0.0) for k, v in raw.items()} | {"steps": int(n)}
+
     def tokenize(self, prompt: str) -> list:
         ids = self._tokenizer.encode(prompt)
         unk = self.special.get("UNK", 100)
