@@ -37,11 +37,11 @@ Engine::Engine(const EngineSpec& spec) : spec_(spec) {
   if (spec_.layers.empty()) throw Error("engine spec has no layers");
   if (spec_.max_context < 2) throw Error("max_context must be at least 2");
   if (spec_.max_batch < 1) throw Error("max_batch must be at least 1");
-  embed_ = std::make_unique<Session>(spec_.embed, spec_.device, spec_.threads);
-  for (auto& p : spec_.layers) layers_.push_back(std::make_unique<Session>(p, spec_.device, spec_.threads));
-  head_code_ = std::make_unique<Session>(spec_.head_code, spec_.device, spec_.threads);
-  head_text_ = std::make_unique<Session>(spec_.head_text, spec_.device, spec_.threads);
-  sample_ = std::make_unique<Session>(spec_.sample, spec_.device, spec_.threads);
+  embed_ = std::make_unique<Session>(spec_.embed, spec_.device, spec_.threads, spec_.session_config);
+  for (auto& p : spec_.layers) layers_.push_back(std::make_unique<Session>(p, spec_.device, spec_.threads, spec_.session_config));
+  head_code_ = std::make_unique<Session>(spec_.head_code, spec_.device, spec_.threads, spec_.session_config);
+  head_text_ = std::make_unique<Session>(spec_.head_text, spec_.device, spec_.threads, spec_.session_config);
+  sample_ = std::make_unique<Session>(spec_.sample, spec_.device, spec_.threads, spec_.session_config);
   if (spec_.layer_form != "portable" && spec_.layer_form != "fused")
     throw Error("unknown layer_form '" + spec_.layer_form + "'");
   fused_ = spec_.layer_form == "fused";

@@ -30,6 +30,7 @@ struct EngineSpec {
   // "portable": KV [S_max, B, H, D], layer reads a past view and writes its present slot.
   // "fused": KV [B, H, S_max, D] shared by past and present (GroupQueryAttention); rows right-padded.
   std::string layer_form = "portable";
+  std::vector<std::pair<std::string, std::string>> session_config;  // extra ORT session config entries
   double rope_theta = 10000.0;
 };
 

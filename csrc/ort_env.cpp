@@ -85,9 +85,11 @@ Ort::Env& env(int threads) {
 
 int env_threads() { return g_env_threads; }
 
-Ort::SessionOptions make_session_options(const std::string& device, int threads) {
+Ort::SessionOptions make_session_options(const std::string& device, int threads,
+                                         const std::vector<std::pair<std::string, std::string>>& config) {
   env(threads);
   Ort::SessionOptions so;
+  for (auto& kv : config) so.AddConfigEntry(kv.first.c_str(), kv.second.c_str());
   so.DisablePerSessionThreads();
   so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
   so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);

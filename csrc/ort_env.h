@@ -34,6 +34,8 @@ int env_threads();
 
 // Session options every session of ours uses: global threads, full graph optimisation, and the
 // execution provider ("cpu" or "cuda[:N]").
-Ort::SessionOptions make_session_options(const std::string& device, int threads);
+// `config` holds extra ONNX Runtime session config entries (key, value), e.g. session.disable_prepacking.
+Ort::SessionOptions make_session_options(const std::string& device, int threads,
+                                         const std::vector<std::pair<std::string, std::string>>& config = {});
 
 }  // namespace chattts

@@ -66,9 +66,11 @@ static std::vector<TensorInfo> describe(Ort::Session& s, bool inputs) {
   return out;
 }
 
-Session::Session(const std::string& path, const std::string& device, int threads) : path_(path) {
+Session::Session(const std::string& path, const std::string& device, int threads,
+                 const std::vector<std::pair<std::string, std::string>>& config)
+    : path_(path) {
   try {
-    Ort::SessionOptions so = make_session_options(device, threads);
+    Ort::SessionOptions so = make_session_options(device, threads, config);
     session_ = Ort::Session(env(threads), path.c_str(), so);
     binding_ = Ort::IoBinding(session_);
     inputs_ = describe(session_, true);

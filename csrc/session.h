@@ -25,7 +25,8 @@ Ort::Value view(T* data, const std::vector<int64_t>& shape);
 
 class Session {
  public:
-  Session(const std::string& path, const std::string& device, int threads);
+  Session(const std::string& path, const std::string& device, int threads,
+          const std::vector<std::pair<std::string, std::string>>& config = {});
 
   const std::string& path() const { return path_; }
   const std::vector<TensorInfo>& inputs() const { return inputs_; }

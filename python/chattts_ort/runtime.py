@@ -63,13 +63,16 @@ class Runtime:
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, export_dir, device: str = "cpu", threads: Optional[int] = None,
-             max_context: Optional[int] = None, max_batch: int = 1, verify: bool = True) -> "Runtime":
+             max_context: Optional[int] = None, max_batch: int = 1, verify: bool = True,
+             session_config: Optional[dict] = None) -> "Runtime":
         """Load an export folder written by `chattts-ort export`.
 
         device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: all cores;
         fixed by the first Runtime of the process). max_context: KV positions per row allocated up front
         (default min(2048, max_position_embeddings)). max_batch: rows the KV cache is allocated for at load;
         a larger batch later grows it once. verify: check every graph's sha256 against the manifest.
+        session_config: extra ONNX Runtime session config entries for every block (expert use), e.g.
+        {"session.disable_prepacking": "1"}.
         """
         folder = Path(export_dir)
         if not folder.is_dir():
@@ -125,6 +128,7 @@ class Runtime:
         spec.threads = threads
         spec.layer_form = manifest.get("layer_form", "portable")
         spec.rope_theta = float(cfg.get("rope_theta", 10000.0))
+        spec.session_config = [(str(k), str(v)) for k, v in (session_config or {}).items()]
         try:
             engine = c.Engine(spec)
         except RuntimeError as e:
