@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from .errors import AssetError, ChatTTSOrtError  # noqa: E402
 from .params import InferCodeParams, RefineTextParams  # noqa: E402
+from . import speaker  # noqa: E402,F401  (spk_emb strings: encode / decode / random_speaker)
 
 __all__ = ["Runtime", "Frame", "Generation", "InferCodeParams", "RefineTextParams", "export_model",
            "ChatTTSOrtError", "AssetError", "__version__"]

@@ -47,10 +47,12 @@ def resolve_source(src):
 
 def default_export(kind: str = "full", progress: bool = False, layer_form: str = "fused") -> Path:
     """The export folder of the random default model (exported on first use, then reused)."""
-    from .export import FORMAT, MANIFEST, export_model
+    from . import __version__
+    from .export import MANIFEST, export_model
 
     name = "random" if kind == "full" else "random-tiny"
-    folder = cache_dir() / "exports" / f"{name}-seed0-{layer_form}-{FORMAT.replace('/', '-')}"
+    # The package version is part of the name: a new release re-exports instead of reusing old graphs.
+    folder = cache_dir() / "exports" / f"{name}-seed0-{layer_form}-v{__version__}"
     if not (folder / MANIFEST).is_file():
         if progress:
             print(f"first use: exporting the random {kind}-shape model to {folder} ...", flush=True)
