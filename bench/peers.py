@@ -91,6 +91,61 @@ def measure_ort_python(export_dir: str, prompt_len: int, steps: int, threads: in
     return {"prefill_ms": float(d[0]), "step_ms": d[1:].tolist()}
 
 
+def chattts_modules():
+    """ChatTTS 0.2.5's model modules without its package __init__ (which needs vocos/torchaudio)."""
+    import importlib.util
+    import pathlib
+    import types
+
+    spec = importlib.util.find_spec("ChatTTS")
+    if spec is None:
+        raise RuntimeError("the chattts package is not installed (pip install --no-deps chattts==0.2.5)")
+    root = pathlib.Path(spec.submodule_search_locations[0])
+    for name, path in (("ChatTTS", root), ("ChatTTS.model", root / "model")):
+        m = types.ModuleType(name)
+        m.__path__ = [str(path)]
+        sys.modules[name] = m
+    from ChatTTS.model.embed import Embed
+    from ChatTTS.model.gpt import GPT
+    from ChatTTS.model.processors import gen_logits
+
+    return Embed, GPT, gen_logits
+
+
+def measure_chattts(model_kind: str, prompt_len: int, steps: int, threads: int):
+    """ChatTTS 0.2.5's own GPT.generate on the same asset folder, streamed one step per yield."""
+    import logging
+
+    import torch
+
+    from chattts_ort.defaults import random_asset_folder
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(threads)
+    Embed, GPT, gen_logits = chattts_modules()
+    folder = random_asset_folder("full" if model_kind == "full" else "tiny")
+    cfg = json.loads((folder / "gpt" / "config.json").read_text())
+    embed = Embed(cfg["hidden_size"], cfg["num_audio_tokens"], cfg["num_text_tokens"], cfg["num_vq"])
+    embed.load_pretrained(str(folder / "Embed.safetensors"), torch.device("cpu"))
+    gpt = GPT(cfg, embed)
+    gpt.load_pretrained(str(folder / "gpt"), str(folder / "Embed.safetensors"))
+    gpt.prepare()
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(1000, 20000, (1, prompt_len))).unsqueeze(-1).expand(-1, -1, 4).contiguous()
+    warpers, procs = gen_logits(cfg["num_audio_tokens"] - 1, top_P=0.7, top_K=20, repetition_penalty=1.05)
+    stamps = []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        emb = embed(ids, torch.ones(1, prompt_len, dtype=torch.bool))
+        for _ in gpt.generate(emb, ids, temperature=torch.tensor([0.3] * 4), eos_token=cfg["num_audio_tokens"] - 1,
+                              attention_mask=torch.ones(1, prompt_len, dtype=torch.bool), max_new_token=steps,
+                              min_new_token=steps, logits_processors=(*procs, *warpers), show_tqdm=False,
+                              stream=True, stream_batch=1, manual_seed=0):
+            stamps.append(time.perf_counter())
+    d = np.diff([t0] + stamps) * 1000
+    return {"prefill_ms": float(d[0]), "step_ms": d[1:].tolist()}
+
+
 # ---------------------------------------------------------------------------------------------------------- genai
 
 

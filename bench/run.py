@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 FRAME_RATE = 46.875          # audio frames per second (24 kHz / 512)
 REAL_TIME_MS = 1000 / FRAME_RATE
-SYSTEMS = ("chattts-ort", "ort-python", "torch-eager", "onnxruntime-genai")
+SYSTEMS = ("chattts-ort", "ort-python", "torch-eager", "chattts-0.2.5", "onnxruntime-genai")
 PRECISIONS = ("fp32", "int8", "int4")
 
 
@@ -82,6 +82,8 @@ def worker(args) -> dict:
         out.update(peers.measure_ort_python(args.export, args.prompt_len, args.steps, args.threads))
     elif args.system == "torch-eager":
         out.update(peers.measure_torch_eager(args.model, args.prompt_len, args.steps, args.threads))
+    elif args.system == "chattts-0.2.5":
+        out.update(peers.measure_chattts(args.model, args.prompt_len, args.steps, args.threads))
     elif args.system == "onnxruntime-genai":
         out.update(peers.measure_genai(args.export, args.prompt_len, args.steps, args.threads))
     else:
@@ -143,6 +145,12 @@ def prepare(model: str, systems, precisions, log) -> dict:
                 targets[(s, prec)] = str(path) if (s == "chattts-ort" or prec == "fp32") else "skip"
     if "torch-eager" in systems:
         targets[("torch-eager", "fp32")] = "torch"
+    if "chattts-0.2.5" in systems:
+        try:
+            peers.chattts_modules()
+            targets[("chattts-0.2.5", "fp32")] = "chattts"
+        except Exception as e:
+            targets[("chattts-0.2.5", "fp32")] = RuntimeError(f"unavailable: {e}")
     if "onnxruntime-genai" in systems:
         ok, why = peers.genai_available()
         for prec in precisions:
@@ -240,7 +248,7 @@ def main(argv=None) -> int:
         for label, plen, steps in phases:
             for key in jobs:
                 system, prec = key
-                if label == "long" and system in ("ort-python", "torch-eager"):
+                if label == "long" and system in ("ort-python", "torch-eager", "chattts-0.2.5"):
                     continue  # Python loops at 1500 frames would take many minutes; short context shows them
                 try:
                     r = run_worker(system, prec, targets[key], args.model, plen, steps, args.threads)
