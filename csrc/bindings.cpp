@@ -118,6 +118,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("threads", &EngineSpec::threads)
       .def_readwrite("layer_form", &EngineSpec::layer_form)
       .def_readwrite("session_config", &EngineSpec::session_config)
+      .def_readwrite("kv_fp16", &EngineSpec::kv_fp16)
       .def_readwrite("rope_theta", &EngineSpec::rope_theta);
 
   py::class_<Engine>(m, "Engine", "The whole decode loop in C++ over the exported blocks.")

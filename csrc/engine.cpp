@@ -45,6 +45,7 @@ Engine::Engine(const EngineSpec& spec) : spec_(spec) {
   if (spec_.layer_form != "portable" && spec_.layer_form != "fused")
     throw Error("unknown layer_form '" + spec_.layer_form + "'");
   fused_ = spec_.layer_form == "fused";
+  if (spec_.kv_fp16 && !fused_) throw Error("an fp16 KV cache needs the fused layer form");
   if (fused_) {
     // Rotary tables as PyTorch computes them: fp32 inverse frequencies, one fp32 product, then cos/sin.
     const int64_t half = spec_.head_dim / 2;
@@ -57,6 +58,14 @@ Engine::Engine(const EngineSpec& spec) : spec_(spec) {
         const float f = float(p) * inv;
         cos_cache_[p * half + i] = float(std::cos(double(f)));
         sin_cache_[p * half + i] = float(std::sin(double(f)));
+      }
+    }
+    if (spec_.kv_fp16) {
+      cos16_.resize(cos_cache_.size());
+      sin16_.resize(sin_cache_.size());
+      for (size_t i = 0; i < cos_cache_.size(); ++i) {
+        cos16_[i] = Ort::Float16_t(cos_cache_[i]).val;
+        sin16_[i] = Ort::Float16_t(sin_cache_[i]).val;
       }
     }
   }
@@ -83,9 +92,11 @@ void Engine::ensure_capacity(int64_t B, int64_t T) {
   S_max_ = spec_.max_context;
   const int64_t kv = S_max_ * B * HD;
   if (kv > kv_capacity_) {
+    // fp16 elements are stored two to a float slot (the fused form never does float arithmetic on them).
+    const size_t floats = spec_.kv_fp16 ? size_t((kv + 1) / 2) : size_t(kv);
     for (size_t l = 0; l < layers_.size(); ++l) {
-      K_[l].assign(size_t(kv), 0.0f);
-      V_[l].assign(size_t(kv), 0.0f);
+      K_[l].assign(floats, 0.0f);
+      V_[l].assign(floats, 0.0f);
     }
     kv_capacity_ = kv;
   }
@@ -186,11 +197,13 @@ void Engine::run_layers_fused(int64_t S, float*& cur, float*& nxt) {
   const int64_t B = B_, E = spec_.hidden, D = spec_.head_dim, H = spec_.heads, M = S_max_;
   Ort::Value seqlens = view(seqlens_.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {B});
   Ort::Value total = view(&total_len_, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {});
-  Ort::Value cosc = view(cos_cache_.data(), {M, D / 2}), sinc = view(sin_cache_.data(), {M, D / 2});
+  const auto kv_type = spec_.kv_fp16 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  Ort::Value cosc = spec_.kv_fp16 ? view(cos16_.data(), kv_type, {M, D / 2}) : view(cos_cache_.data(), {M, D / 2});
+  Ort::Value sinc = spec_.kv_fp16 ? view(sin16_.data(), kv_type, {M, D / 2}) : view(sin_cache_.data(), {M, D / 2});
   for (size_t l = 0; l < layers_.size(); ++l) {
     Session& s = *layers_[l];
     // Past and present are the same buffer: GroupQueryAttention appends in place.
-    Ort::Value k = view(K_[l].data(), {B, H, M, D}), v = view(V_[l].data(), {B, H, M, D});
+    Ort::Value k = view(K_[l].data(), kv_type, {B, H, M, D}), v = view(V_[l].data(), kv_type, {B, H, M, D});
     s.bind_input("hidden", view(cur, {B, S, E}));
     s.bind_input("past_key", k);
     s.bind_input("past_value", v);

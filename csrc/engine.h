@@ -32,6 +32,7 @@ struct EngineSpec {
   std::string layer_form = "portable";
   std::vector<std::pair<std::string, std::string>> session_config;  // extra ORT session config entries
   double rope_theta = 10000.0;
+  bool kv_fp16 = false;  // fused form only: KV buffers and rotary caches in fp16
 };
 
 struct GenerationSpec {
@@ -96,6 +97,7 @@ class Engine {
   std::vector<float> temperature_, noise_;
   bool fused_ = false;
   std::vector<float> cos_cache_, sin_cache_, gather_;  // fused form: rotary caches [S_max, D/2]
+  std::vector<uint16_t> cos16_, sin16_;                // the same in fp16 (kv_fp16)
   std::vector<int32_t> seqlens_;                       // fused form: per-row length - 1
   std::vector<int64_t> lens_;                          // fused form: tokens cached per row
   int32_t total_len_ = 0;

@@ -6,8 +6,9 @@ import onnxruntime as ort
 import pytest
 
 from chattts_ort import InferCodeParams, Runtime
-from chattts_ort.export import load_manifest
-from chattts_ort.quantize import QuantizeError, compare_exports, optimize_export, quantize_export, resolve_plan
+from chattts_ort.export import iter_graphs, load_manifest
+from chattts_ort.quantize import (QuantizeError, compare_exports, load_rss, optimize_export, quantize_export,
+                                  resolve_plan)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,35 @@ def test_bad_plans_and_inputs(fp32, tmp_path):
         quantize_export(fp32, tmp_path / "q", plan="int8", progress=False)
     assert not (tmp_path / "qq").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # nothing half-written
+
+
+def test_plan_option_optimize(fp32, tmp_path):
+    import onnx
+
+    out = tmp_path / "q"
+    quantize_export(fp32, out, plan='{"layers": "int8", "optimize": true}', progress=False)
+    m = load_manifest(out)
+    assert m["optimized"] == "ort-extended" and m["graphs"]["layers"][0]["precision"] == "int8"
+    ops = {n.op_type for n in onnx.load(str(out / m["graphs"]["layers"][0]["file"])).graph.node}
+    assert "MatMulNBits" in ops
+    ref = load_manifest(fp32)
+    for (_, a), (_, b) in zip(iter_graphs(ref), iter_graphs(m)):
+        assert [i["name"] for i in a["inputs"]] == [i["name"] for i in b["inputs"]]
+        assert [o["name"] for o in a["outputs"]] == [o["name"] for o in b["outputs"]]
+    rep = compare_exports(out, fp32, steps=10)
+    assert rep.chain["steps"] == 10 and all(np.isfinite(b["rel_l2"]) for b in rep.blocks)
+    with pytest.raises(QuantizeError, match="optimize"):
+        resolve_plan({"layers": "int8", "optimize": "yes"}, ref)
+    with pytest.raises(QuantizeError, match="already optimised"):
+        optimize_export(out, tmp_path / "again", progress=False)
+
+
+def test_load_rss(fp32):
+    weights = sum((fp32 / e["file"]).stat().st_size for _, e in iter_graphs(load_manifest(fp32)))
+    for via, off in (("runtime", False), ("ort", True)):
+        rep = load_rss(fp32, via=via, disable_prepacking=off)
+        assert rep.weight_bytes == weights and rep.prepacking is not off
+        assert 0 < rep.rss_before <= rep.peak_rss and rep.rss_after <= rep.peak_rss
+        assert np.isfinite(rep.ratio) and "MB" in rep.summary() and rep.to_json()["via"] == via
+    with pytest.raises(ValueError, match="via"):
+        load_rss(fp32, via="torch")

@@ -20,7 +20,8 @@ def _cmd_info(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_model
 
-    rep = export_model(args.src, args.out, force=args.force, progress=not args.quiet, layer_form=args.layer_form)
+    rep = export_model(args.src, args.out, force=args.force, progress=not args.quiet, layer_form=args.layer_form,
+                       kv_dtype=args.kv_dtype)
     print(f"exported {args.src} -> {rep.out_dir} in {rep.seconds:.1f} s; graphs {rep.total_bytes / 1e6:.1f} MB "
           f"(weights {rep.weight_bytes / 1e6:.1f} MB); peak RSS {rep.peak_rss_mb:.0f} MB")
     if args.verify:
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="verify every block and the chain right after export")
     s.add_argument("--layer-form", default="fused", choices=["fused", "portable"],
                    help="fused: GroupQueryAttention, KV written in place (default); portable: standard ONNX ops")
+    s.add_argument("--kv-dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="KV cache precision (fp16: fused form only; halves the cache traffic of long contexts)")
     s.add_argument("--steps", type=int, default=100, help="chain-verification steps (with --verify)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_export)

@@ -222,7 +222,7 @@ LAYER_FORMS = ("fused", "portable")
 
 
 def export_model(src, out, *, force: bool = False, progress: bool = True, verify: bool = False,
-                 layer_form: str = "fused") -> ExportReport:
+                 layer_form: str = "fused", kv_dtype: str = "fp32") -> ExportReport:
     """Export SRC (a ChatTTS asset folder, or "random"/"random-tiny" for the seeded default) to OUT.
 
     layer_form: "fused" (GroupQueryAttention over an in-place [B, H, M, D] KV buffer; the default) or
@@ -231,6 +231,8 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, verify
     """
     if layer_form not in LAYER_FORMS:
         raise ExportError(f"unknown layer_form {layer_form!r} (choose from {', '.join(LAYER_FORMS)})")
+    if kv_dtype not in ("fp32", "fp16") or (kv_dtype == "fp16" and layer_form != "fused"):
+        raise ExportError(f"kv_dtype {kv_dtype!r}: fp32, or fp16 with the fused layer form")
     import torch
 
     from .defaults import resolve_source
@@ -268,7 +270,8 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, verify
 
                     from .fused import build_fused_layer
 
-                    onnx.save(build_fused_layer(module, cfg, name=f"layer_{args:02d}"), str(tmp / file))
+                    onnx.save(build_fused_layer(module, cfg, name=f"layer_{args:02d}", kv_dtype=kv_dtype),
+                              str(tmp / file))
                 else:
                     _export_graph(module, args, tmp / file, io)
                 if bar is not None:
@@ -287,6 +290,7 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, verify
             "special_tokens": dict(SPECIAL_TOKENS),
             "kv_layout": "batch_head_seq_dim" if layer_form == "fused" else "seq_batch_head_dim",
             "layer_form": layer_form,
+            "kv_dtype": kv_dtype,
             "tokenizer": "tokenizer.json",
             "graphs": {
                 "embed": graph_entry(tmp, "embed.onnx"),

@@ -34,8 +34,15 @@ def rope_cache(max_positions: int, head_dim: int, theta: float):
     return np.cos(freqs.astype(np.float64)).astype(np.float32), np.sin(freqs.astype(np.float64)).astype(np.float32)
 
 
-def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
-    """An onnx.ModelProto of `layer` (a model.DecoderLayer) in the fused form."""
+def build_fused_layer(layer, cfg, name: str = "layer", kv_dtype: str = "fp32") -> onnx.ModelProto:
+    """An onnx.ModelProto of `layer` (a model.DecoderLayer) in the fused form.
+
+    kv_dtype "fp16": the KV buffers (and the rotary caches) are fp16 and attention runs in fp16 inside
+    GroupQueryAttention; q/k/v are cast to fp16 before it and its output back to fp32. Halves the cache's memory
+    traffic, which dominates long contexts; not bit-faithful to fp32 (see the README)."""
+    if kv_dtype not in ("fp32", "fp16"):
+        raise ValueError(f"kv_dtype must be fp32 or fp16, got {kv_dtype!r}")
+    half = kv_dtype == "fp16"
     E, H, D, F = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
     sd = {k: v.detach().cpu().float().numpy() for k, v in layer.state_dict().items()}
     nodes, inits = [], []
@@ -52,11 +59,16 @@ def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
                                   ["attn_in"], axis=-1, epsilon=eps, stash_type=1))
     w_qkv = np.concatenate([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]], 0).T  # [E, 3E]
     nodes.append(helper.make_node("MatMul", ["attn_in", weight("qkv_proj.weight", w_qkv)], ["qkv"]))
+    if half:
+        nodes.append(helper.make_node("Cast", ["qkv"], ["qkv16"], to=TensorProto.FLOAT16))
     nodes.append(helper.make_node(
         "GroupQueryAttention",
-        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
-        ["attn", "present_key", "present_value"], domain="com.microsoft",
+        ["qkv16" if half else "qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+         "cos_cache", "sin_cache"],
+        ["attn16" if half else "attn", "present_key", "present_value"], domain="com.microsoft",
         num_heads=H, kv_num_heads=H, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(D))))
+    if half:
+        nodes.append(helper.make_node("Cast", ["attn16"], ["attn"], to=TensorProto.FLOAT))
     nodes.append(helper.make_node("MatMul", ["attn", weight("o_proj.weight", sd["o_proj.weight"].T)], ["attn_out"]))
     nodes.append(helper.make_node(
         "SkipSimplifiedLayerNormalization",
@@ -73,19 +85,20 @@ def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
     nodes.append(helper.make_node("Add", ["h1", "mlp_out"], ["hidden_out"]))
 
     f = TensorProto.FLOAT
+    kv = TensorProto.FLOAT16 if half else f
     inputs = [
         helper.make_tensor_value_info("hidden", f, ["B", "S", E]),
-        helper.make_tensor_value_info("past_key", f, ["B", H, "M", D]),
-        helper.make_tensor_value_info("past_value", f, ["B", H, "M", D]),
+        helper.make_tensor_value_info("past_key", kv, ["B", H, "M", D]),
+        helper.make_tensor_value_info("past_value", kv, ["B", H, "M", D]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("cos_cache", f, ["M", D // 2]),
-        helper.make_tensor_value_info("sin_cache", f, ["M", D // 2]),
+        helper.make_tensor_value_info("cos_cache", kv, ["M", D // 2]),
+        helper.make_tensor_value_info("sin_cache", kv, ["M", D // 2]),
     ]
     outputs = [
         helper.make_tensor_value_info("hidden_out", f, ["B", "S", E]),
-        helper.make_tensor_value_info("present_key", f, ["B", H, "M", D]),
-        helper.make_tensor_value_info("present_value", f, ["B", H, "M", D]),
+        helper.make_tensor_value_info("present_key", kv, ["B", H, "M", D]),
+        helper.make_tensor_value_info("present_value", kv, ["B", H, "M", D]),
     ]
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
@@ -94,7 +107,7 @@ def build_fused_layer(layer, cfg, name: str = "layer") -> onnx.ModelProto:
     return model
 
 
-def run_fused_reference_inputs(cfg, B=2, S=3, P=5, M=16, seed=0):
+def run_fused_reference_inputs(cfg, B=2, S=3, P=5, M=16, seed=0, kv_dtype="fp32"):
     """Inputs for checking a fused layer against the PyTorch layer: every row has P cached positions.
 
     Returns (fused feed dict, torch args for model.DecoderLayer) describing the same computation."""
@@ -115,6 +128,8 @@ def run_fused_reference_inputs(cfg, B=2, S=3, P=5, M=16, seed=0):
     kbuf[:, :, :P] = pk.permute(1, 2, 0, 3).numpy()
     vbuf[:, :, :P] = pv.permute(1, 2, 0, 3).numpy()
     cc, sc = rope_cache(M, D, cfg.rope_theta)
+    if kv_dtype == "fp16":
+        kbuf, vbuf, cc, sc = (a.astype(np.float16) for a in (kbuf, vbuf, cc, sc))
     feed = {"hidden": hidden.numpy(), "past_key": kbuf, "past_value": vbuf,
             "seqlens_k": np.full(B, P + S - 1, np.int32), "total_sequence_length": np.array(P + S, np.int32),
             "cos_cache": cc, "sin_cache": sc}

@@ -53,6 +53,7 @@ class OrtLoop:
         self.num_vq, self.V_code, self.V_text = c["num_vq"], c["num_audio_tokens"], c["num_text_tokens"]
         self.fused = self.manifest.get("layer_form", "portable") == "fused"
         self.rope_theta = c.get("rope_theta", 10000.0)
+        self.kv_np = np.float16 if self.manifest.get("kv_dtype", "fp32") == "fp16" else np.float32
 
     def generate(self, prompts, *, text_mode=False, temperature=(0.3, 0.3, 0.3, 0.3), repetition_penalty=1.05,
                  top_p=0.7, top_k=20, max_new_token=100, min_new_token=0, eos_id=None, speaker=None,
@@ -82,9 +83,9 @@ class OrtLoop:
             for b in range(B):
                 step_ids[b, : lens[b]] = ids[b, T - lens[b]:]
             M = T + max_new_token + 1
-            cos_cache, sin_cache = rope_cache(M, self.D, self.rope_theta)
-            kv = [(ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), np.float32)),
-                   ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), np.float32))) for _ in self.layers]
+            cos_cache, sin_cache = (a.astype(self.kv_np) for a in rope_cache(M, self.D, self.rope_theta))
+            kv = [(ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), self.kv_np)),
+                   ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), self.kv_np))) for _ in self.layers]
             key_mask, pos = np.ones((B, T), np.int64), np.tile(np.arange(T, dtype=np.int64), (B, 1))
         else:
             past_k = [np.zeros((0, B, self.H, self.D), np.float32) for _ in self.layers]

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -52,7 +54,8 @@ class QuantizeError(ChatTTSOrtError):
 def resolve_plan(plan, manifest: dict) -> dict:
     """{block name: precision} for every block of the manifest. `plan` is a plan name, a JSON object string,
     or a dict mapping "embed", "layers", "layer_NN", "first_layer", "last_layer", "head_code", "head_text",
-    "sample" to precisions (later, more specific keys override "layers")."""
+    "sample" to precisions (later, more specific keys override "layers"). The key "optimize" (true/false) is an
+    option, not a block: it asks for ONNX Runtime's offline optimisation of every block after quantization."""
     if isinstance(plan, str):
         s = plan.strip()
         if s.startswith("{"):
@@ -66,10 +69,11 @@ def resolve_plan(plan, manifest: dict) -> dict:
             raise QuantizeError(f"unknown plan {plan!r}; plans: {', '.join(PLANS)}, or a JSON object")
     if not isinstance(plan, dict):
         raise QuantizeError("a plan must be a name, a JSON object or a dict")
+    _plan_optimize(plan)  # validates the option
     names = [n for n, _ in iter_graphs(manifest)]
     layers = [n for n in names if n.startswith("layer_")]
     out = {n: "fp32" for n in names}
-    order = sorted(plan.items(), key=lambda kv: 0 if kv[0] == "layers" else 1)
+    order = sorted(((k, v) for k, v in plan.items() if k not in PLAN_OPTIONS), key=lambda kv: 0 if kv[0] == "layers" else 1)
     for key, prec in order:
         if prec not in PRECISIONS:
             raise QuantizeError(f"unknown precision {prec!r} for {key!r}; precisions: {', '.join(PRECISIONS)}")
@@ -90,6 +94,28 @@ def resolve_plan(plan, manifest: dict) -> dict:
                 raise QuantizeError(f"block {t!r} cannot be {prec} (allowed: {', '.join(ALLOWED[kind])})")
             out[t] = prec
     return out
+
+
+PLAN_OPTIONS = ("optimize",)
+
+
+def _plan_dict(plan) -> dict:
+    if isinstance(plan, str):
+        s = plan.strip()
+        if s.startswith("{"):
+            try:
+                return json.loads(s)
+            except json.JSONDecodeError as e:
+                raise QuantizeError(f"plan is not valid JSON: {e}") from e
+        return PLANS.get(s, {})
+    return plan if isinstance(plan, dict) else {}
+
+
+def _plan_optimize(plan) -> bool:
+    opt = _plan_dict(plan).get("optimize", False)
+    if not isinstance(opt, bool):
+        raise QuantizeError(f'plan option "optimize" must be true or false, got {opt!r}')
+    return opt
 
 
 def _to_fp16_weights(model):
@@ -174,8 +200,11 @@ def _atomic_folder_job(out: Path, force: bool, job):
 
 
 def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = False,
-                    progress: bool = True) -> QuantizeReport:
-    """Write a new export folder whose blocks carry the precisions of `plan` (see resolve_plan)."""
+                    progress: bool = True, optimize=None) -> QuantizeReport:
+    """Write a new export folder whose blocks carry the precisions of `plan` (see resolve_plan).
+
+    optimize: save every block as ONNX Runtime's offline-optimised graph too (see optimize_export); None takes
+    the plan's "optimize" option (default false)."""
     inp = Path(inp)
     manifest = load_manifest(inp)
     done = {n: e.get("precision", "fp32") for n, e in iter_graphs(manifest)}
@@ -185,6 +214,8 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
     if block_size < 16 or block_size & (block_size - 1):
         raise QuantizeError(f"block_size must be a power of two >= 16, got {block_size}")
     precisions = resolve_plan(plan, manifest)
+    if optimize is None:
+        optimize = _plan_optimize(plan)
     t0 = time.perf_counter()
 
     def job(tmp: Path):
@@ -204,6 +235,8 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
         try:
             for name, entry in iter_graphs(manifest):
                 quantize_block(inp / entry["file"], tmp / entry["file"], precisions[name], block_size)
+                if optimize:
+                    _optimize_file(tmp / entry["file"], tmp / entry["file"])
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -220,6 +253,8 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
             g[k] = graph_entry(tmp, g[k]["file"], precisions[k])
         m["quantization"] = {"plan": plan if isinstance(plan, (str, dict)) else str(plan), "block_size": block_size,
                              "source": str(inp.resolve()), "source_manifest_sha256": sha256_file(inp / MANIFEST)}
+        if optimize:
+            m["optimized"] = OPTIMIZED
         (tmp / MANIFEST).write_text(json.dumps(m, indent=2))
 
     _atomic_folder_job(out, force, job)
@@ -227,20 +262,35 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
     return QuantizeReport(Path(out), precisions, time.perf_counter() - t0, size(inp), size(out))
 
 
+OPTIMIZED = "ort-extended"
+
+
+def _optimize_file(src: Path, dst: Path) -> None:
+    """ONNX Runtime's graph optimisation at ORT_ENABLE_EXTENDED, saved as a model file. EXTENDED, not ALL:
+    level ALL adds layout transforms (NCHWc, prepacked forms) specific to the machine that ran it, so its
+    output is not portable. src may equal dst (the session has read the file before it writes)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    tmp = Path(dst).with_name(Path(dst).name + ".opt")
+    so.optimized_model_filepath = str(tmp)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    os.replace(tmp, dst)
+
+
 def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Path:
     """Save every block as ONNX Runtime's offline-optimised graph (ORT_ENABLE_EXTENDED: RMSNorm, GELU/SiLU and
     MatMul fusions; layout-independent, so the files stay portable). Graph IO is unchanged."""
-    import onnxruntime as ort
-
     inp = Path(inp)
     manifest = load_manifest(inp)
+    if manifest.get("optimized"):
+        raise QuantizeError(f"{inp} is already optimised ({manifest['optimized']})")
 
     def job(tmp: Path):
         for name, entry in iter_graphs(manifest):
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            so.optimized_model_filepath = str(tmp / entry["file"])
-            ort.InferenceSession(str(inp / entry["file"]), so, providers=["CPUExecutionProvider"])
+            _optimize_file(inp / entry["file"], tmp / entry["file"])
         shutil.copyfile(inp / manifest.get("tokenizer", "tokenizer.json"), tmp / "tokenizer.json")
         m = json.loads(json.dumps(manifest))
         g = m["graphs"]
@@ -248,7 +298,7 @@ def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Pat
         g["layers"] = [graph_entry(tmp, e["file"], e.get("precision", "fp32")) for e in g["layers"]]
         for k in ("head_code", "head_text", "sample"):
             g[k] = graph_entry(tmp, g[k]["file"], g[k].get("precision", "fp32"))
-        m["optimized"] = "ort-extended"
+        m["optimized"] = OPTIMIZED
         (tmp / MANIFEST).write_text(json.dumps(m, indent=2))
 
     _atomic_folder_job(Path(out), force, job)
@@ -340,6 +390,8 @@ def compare_exports(folder, against, steps: int = 200, progress: bool = False, s
         feed = _block_feeds(mq, cfg, name, seed + i)
         sq = ort.InferenceSession(str(folder / eq["file"]), so, providers=["CPUExecutionProvider"])
         sf = ort.InferenceSession(str(against / entries_f[name]["file"]), so, providers=["CPUExecutionProvider"])
+        if progress:
+            print(f"compare {name} ({eq.get('precision', 'fp32')})", file=sys.stderr, flush=True)
         got = sq.run(None, {k: v.copy() for k, v in feed.items()})
         want = sf.run(None, {k: v.copy() for k, v in feed.items()})
         for out, g, w in zip(sq.get_outputs(), got, want):
@@ -353,6 +405,8 @@ def compare_exports(folder, against, steps: int = 200, progress: bool = False, s
                 "rel_l2": float(np.linalg.norm(g64 - w64) / nw) if nw > 0 else 0.0,
                 "cosine": float(g64 @ w64 / (np.linalg.norm(g64) * nw)) if nw > 0 and np.linalg.norm(g64) > 0 else 1.0,
             })
+    if progress:
+        print(f"compare chain: {steps} teacher-forced steps", file=sys.stderr, flush=True)
     chain = _chain_agreement(folder, against, cfg, steps, seed)
     has_int4 = any(e.get("precision") == "int4" for e in entries_q.values())
     rep = CompareReport(folder, against, blocks, chain, goal_agreement=None if has_int4 else 0.95)
@@ -408,3 +462,102 @@ def _plot(rep: CompareReport, path: Path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory: what loading a folder costs, against the bytes of its weights.
+
+_RSS_PROBE = r"""
+import json, sys
+args = json.loads(sys.argv[1])
+
+def rss():  # (current, peak) resident set in bytes, from the kernel's own accounting
+    got = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                got[k] = int(v.split()[0]) * 1024
+    return got["VmRSS"], got["VmHWM"]
+
+import numpy, onnxruntime as ort
+if args["via"] == "runtime":
+    from chattts_ort import Runtime
+    from chattts_ort._native import core
+    core()
+before = rss()[0]
+if args["via"] == "runtime":
+    keep = Runtime.load(args["folder"], threads=1, max_context=args["max_context"], verify=False,
+                        session_config=args["config"])
+else:
+    keep = []
+    for path in args["files"]:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        for k, v in args["config"].items():
+            so.add_session_config_entry(k, v)
+        keep.append(ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]))
+after, peak = rss()
+print(json.dumps({"before": before, "after": after, "peak": peak}))
+"""
+
+
+@dataclass
+class RSSReport:
+    folder: Path
+    via: str                 # "runtime" (the C++ core) or "ort" (one Python onnxruntime session per block)
+    prepacking: bool
+    weight_bytes: int        # sum of the folder's graph files
+    rss_before: int          # resident bytes before loading (interpreter, onnxruntime)
+    rss_after: int           # resident bytes with every block loaded
+    peak_rss: int            # the high-water mark while loading
+
+    @property
+    def loaded_bytes(self) -> int:
+        return self.rss_after - self.rss_before
+
+    @property
+    def ratio(self) -> float:
+        """Resident bytes the loaded blocks hold, per byte of weights (goal <= 1.2)."""
+        return self.loaded_bytes / self.weight_bytes
+
+    @property
+    def peak_ratio(self) -> float:
+        return (self.peak_rss - self.rss_before) / self.weight_bytes
+
+    def summary(self) -> str:
+        return (f"{self.folder.name} via {self.via}, prepacking {'on' if self.prepacking else 'off'}: weights "
+                f"{self.weight_bytes / 1e6:.1f} MB, loaded +{self.loaded_bytes / 1e6:.1f} MB resident "
+                f"({self.ratio:.2f}x), peak while loading +{(self.peak_rss - self.rss_before) / 1e6:.1f} MB "
+                f"({self.peak_ratio:.2f}x)")
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "via": self.via, "prepacking": self.prepacking,
+                "weight_bytes": self.weight_bytes, "rss_before": self.rss_before, "rss_after": self.rss_after,
+                "peak_rss": self.peak_rss, "ratio": self.ratio, "peak_ratio": self.peak_ratio}
+
+
+def load_rss(folder, via: str = "runtime", disable_prepacking: bool = False, max_context: int = 16,
+             timeout: float = 600) -> RSSReport:
+    """Load every block of `folder` in a fresh subprocess and measure its resident memory (Linux /proc).
+
+    via="runtime" loads through the C++ core (Runtime.load; max_context small, so the KV cache it allocates
+    is negligible: 2 * layers * heads * max_context * head_dim * 4 bytes); via="ort" opens one Python
+    onnxruntime session per block. disable_prepacking sets the session config "session.disable_prepacking"
+    (ONNX Runtime otherwise re-lays-out MatMul weights at load into kernel-specific packed copies)."""
+    if via not in ("runtime", "ort"):
+        raise ValueError(f"via must be 'runtime' or 'ort', got {via!r}")
+    if not Path("/proc/self/status").exists():
+        raise RuntimeError("load_rss reads /proc/self/status (Linux only)")
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    files = [str(folder / e["file"]) for _, e in iter_graphs(manifest)]
+    config = {"session.disable_prepacking": "1"} if disable_prepacking else {}
+    args = {"folder": str(folder), "files": files, "via": via, "config": config, "max_context": int(max_context)}
+    r = subprocess.run([sys.executable, "-c", _RSS_PROBE, json.dumps(args)], capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"load_rss: loading {folder} failed:\n{r.stderr[-2000:]}")
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    weights = sum(Path(f).stat().st_size for f in files)
+    return RSSReport(folder, via, not disable_prepacking, weights, got["before"], got["after"], got["peak"])

@@ -128,6 +128,7 @@ class Runtime:
         spec.threads = threads
         spec.layer_form = manifest.get("layer_form", "portable")
         spec.rope_theta = float(cfg.get("rope_theta", 10000.0))
+        spec.kv_fp16 = manifest.get("kv_dtype", "fp32") == "fp16"
         spec.session_config = [(str(k), str(v)) for k, v in (session_config or {}).items()]
         try:
             engine = c.Engine(spec)
