@@ -102,19 +102,18 @@ def worker(args) -> dict:
 
 
 def machine_info() -> dict:
-    cpu, flags = platform.processor(), set()
+    cpu, flags = "", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not cpu.strip():
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
+            elif line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx2": "avx2" in flags, "fma": "fma" in flags,
-            "avx512f": "avx512f" in flags, "python": platform.python_version(), "platform": platform.platform()}
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "avx2": "avx2" in flags, "fma": "fma" in flags, "avx512f": "avx512f" in flags,
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def versions() -> dict:
@@ -224,6 +223,8 @@ def summarize(raw: dict, long_prompt: int = 30) -> dict:
     s["cold_ttff_ms"], s["cold_ttff_ms_samples"] = float(np.median(cold)), cold
     loads = [r["load_s"] for r in everything]
     s["load_s"], s["load_s_samples"] = float(np.median(loads)), loads
+    after = [r["rss_after_load_mb"] for r in everything]
+    s["rss_after_load_mb"], s["rss_after_load_mb_samples"] = float(np.median(after)), after
     rss = [r["rss_peak_mb"] for r in everything]
     s["rss_peak_mb"], s["rss_peak_mb_samples"] = float(max(rss)), rss
     if long_:
@@ -259,6 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=30, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=100, help=argparse.SUPPRESS)
     ap.add_argument("--prefill-reps", type=int, default=2, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `chattts-ort bench -- --quick ...` forwards the separator too
+        argv = argv[1:]
     args = ap.parse_args(argv)
     if args.worker:
         args.system = args.worker
@@ -425,7 +429,8 @@ def markdown(rep: dict) -> str:
                                        _fmt(r.get("ratio_1500_vs_short")), _fmt(r["rss_peak_mb"], 0),
                                        _fmt(r["load_s"], 1)]) + " |")
     if rep["goals"]:
-        lines += ["", "Goals (chattts-ort):", ""]
+        caveat = "; quick mode: one short repetition, indicative only" if rep["mode"] == "quick" else ""
+        lines += ["", f"Goals (chattts-ort{caveat}):", ""]
         for g in rep["goals"]:
             verdict = f"{g['value']} — {'met' if g['met'] else 'NOT met'}" if g["met"] is not None \
                 else f"not measured ({g['not_measured']})"

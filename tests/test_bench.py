@@ -50,6 +50,25 @@ def test_context_windows():
     assert run.window([list(range(100))], 30, 1450, 1530) is None  # not reached: no number
 
 
+def test_summarize_long_runs():
+    run = _bench_module()
+    rng = np.random.default_rng(0)
+
+    def fake(steps, plen, slope):
+        ctx = plen + 1 + np.arange(steps)
+        return {"step_ms": (10 + slope * ctx + rng.random(steps)).tolist(), "prefill_ms": [50.0], "cold_ttff_ms": 80.0,
+                "decode_prefill_ms": 50.0, "load_s": 1.0, "rss_peak_mb": 500.0, "rss_after_load_mb": 400.0}
+
+    raw = {"short": [fake(150, 30, 0.0)], "prefill100": [dict(fake(1, 100, 0.0), step_ms=[])],
+           "long": [fake(1500, 30, 0.01), fake(1500, 30, 0.01)]}
+    s = run.summarize(raw)
+    assert 19.5 < s["decode_ms_at_1500"] < 25.5 and 14.5 < s["decode_ms_at_500"] < 16.5
+    assert _close(s["ratio_1500_vs_short"], s["decode_ms_at_1500"] / s["decode_ms_at_short"])
+    per = [(50.0 + sum(x["step_ms"][:499])) / 500 for x in raw["long"]]
+    assert _close(s["ms_per_frame_500_utterance"], float(np.mean(per)))
+    assert s["cold_ttff_ms_samples"] == [80.0, 80.0, 80.0] and len(s["load_s_samples"]) == 4
+
+
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory, _private_cache):
     out = tmp_path_factory.mktemp("bench")
@@ -104,7 +123,7 @@ def test_quick_bench_every_number_is_measured(quick_report):
         assert _close(row["decode_ms_p90"], float(np.percentile(pooled, 90))), key
         assert _close(row["frames_per_s"], 1000 / row["decode_ms_median"])
         assert _close(row["rtf"], row["decode_ms_median"] / (1000 / 46.875))
-        for name in ("prefill_30_ms", "prefill_100_ms", "cold_ttff_ms", "load_s"):
+        for name in ("prefill_30_ms", "prefill_100_ms", "cold_ttff_ms", "load_s", "rss_after_load_mb"):
             samples = row[f"{name}_samples"]
             assert len(samples) >= 1 and _close(row[name], float(np.median(samples))), (key, name)
         assert len(row["prefill_30_ms_samples"]) == 2 and len(row["prefill_100_ms_samples"]) == 2
