@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer-form", default="fused", choices=["fused", "portable"],
                    help="fused: GroupQueryAttention, KV written in place (default); portable: standard ONNX ops")
     s.add_argument("--kv-dtype", default="fp32", choices=["fp32", "fp16"],
-                   help="KV cache precision (fp16: fused form only; halves the cache traffic of long contexts)")
+                   help="KV cache precision (fp16: fused form only; halves the cache memory, not faster on CPU)")
     s.add_argument("--steps", type=int, default=100, help="chain-verification steps (with --verify)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_export)
