@@ -169,6 +169,7 @@ void Engine::start(GenerationSpec g) {
     g_.input_ids.swap(ids);
   }
   run_opts_.UnsetTerminate();
+  decode_bound_ = false;
   active_ = true;
 }
 
@@ -193,7 +194,15 @@ void Engine::run_layers_portable(int64_t S, int64_t P, float*& cur, float*& nxt)
   }
 }
 
-void Engine::run_layers_fused(int64_t S, float*& cur, float*& nxt) {
+void Engine::run_layers_fused(int64_t S, float*& cur, float*& nxt, bool bind) {
+  if (!bind) {
+    // Decode with the bindings of the previous step: same shapes, same addresses, new values in place.
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      layers_[l]->run(run_opts_);
+      std::swap(cur, nxt);
+    }
+    return;
+  }
   const int64_t B = B_, E = spec_.hidden, D = spec_.head_dim, H = spec_.heads, M = S_max_;
   Ort::Value seqlens = view(seqlens_.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {B});
   Ort::Value total = view(&total_len_, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {});
@@ -300,16 +309,22 @@ StepResult Engine::step(bool return_hidden) {
       std::memcpy(&key_mask_[b * L], &key_valid_[b * S_max_], size_t(L) * sizeof(int64_t));
   }
 
+  // In the fused form every decode step has the same shapes and buffer addresses, so the bindings made
+  // at the first decode step serve all later ones: a step then only writes values and runs the graphs.
+  const bool bind = first || !fused_ || !decode_bound_;
+
   // 2. Embedding (+ rotary tables and the attention bias shared by every portable layer).
-  embed_->bind_input("input_ids", view(ids_.data(), {B, S, 4}));
-  embed_->bind_input("text_mask", view(reinterpret_cast<bool*>(text_mask_.data()), {B, S}));
-  embed_->bind_input("speaker", view(speaker_.data(), {B, E}));
-  embed_->bind_input("position_ids", view(pos_.data(), {B, S}));
-  embed_->bind_input("key_mask", view(key_mask_.data(), {B, Le}));
-  embed_->bind_output("hidden", view(h0_.data(), {B, S, E}));
-  embed_->bind_output("cos", view(cos_.data(), {B, S, D}));
-  embed_->bind_output("sin", view(sin_.data(), {B, S, D}));
-  embed_->bind_output("attn_bias", view(bias_.data(), {B, 1, S, Le}));
+  if (bind) {
+    embed_->bind_input("input_ids", view(ids_.data(), {B, S, 4}));
+    embed_->bind_input("text_mask", view(reinterpret_cast<bool*>(text_mask_.data()), {B, S}));
+    embed_->bind_input("speaker", view(speaker_.data(), {B, E}));
+    embed_->bind_input("position_ids", view(pos_.data(), {B, S}));
+    embed_->bind_input("key_mask", view(key_mask_.data(), {B, Le}));
+    embed_->bind_output("hidden", view(h0_.data(), {B, S, E}));
+    embed_->bind_output("cos", view(cos_.data(), {B, S, D}));
+    embed_->bind_output("sin", view(sin_.data(), {B, S, D}));
+    embed_->bind_output("attn_bias", view(bias_.data(), {B, 1, S, Le}));
+  }
   if (profile_) prof_other_ += ms_since(tp);
   embed_->run(run_opts_);
   if (profile_) prof_embed_ += ms_since(tp);
@@ -326,7 +341,7 @@ StepResult Engine::step(bool return_hidden) {
       longest = std::max(longest, total);
     }
     total_len_ = int32_t(first ? S : longest);
-    run_layers_fused(S, cur, nxt);
+    run_layers_fused(S, cur, nxt, bind);
     if (first) {
       // Rows are right-padded: each row's last real position feeds the head.
       for (int64_t b = 0; b < B; ++b)
@@ -343,12 +358,14 @@ StepResult Engine::step(bool return_hidden) {
   if (profile_) prof_layers_ += ms_since(tp);
   // 4. Head: logits of the last position and the final hidden state.
   Session& head = text ? *head_text_ : *head_code_;
-  head.bind_input("hidden", view(cur, {B, S_head, E}));
-  if (text)
-    head.bind_output("logits", view(logits_.data(), {B, V}));
-  else
-    head.bind_output("logits", view(logits_.data(), {B, k, V}));
-  head.bind_output("last_hidden", view(last_hidden_.data(), {B, E}));
+  if (bind) {
+    head.bind_input("hidden", view(cur, {B, S_head, E}));
+    if (text)
+      head.bind_output("logits", view(logits_.data(), {B, V}));
+    else
+      head.bind_output("logits", view(logits_.data(), {B, k, V}));
+    head.bind_output("last_hidden", view(last_hidden_.data(), {B, E}));
+  }
   head.run(run_opts_);
   if (profile_) prof_head_ += ms_since(tp);
 
@@ -362,16 +379,18 @@ StepResult Engine::step(bool return_hidden) {
   }
   if (profile_) prof_noise_ += ms_since(tp);
   block_eos_ = step_ < g_.min_new_token;
-  sample_->bind_input("logits", view(logits_.data(), {N, V}));
-  sample_->bind_input("temperature", view(temperature_.data(), {N}));
-  sample_->bind_input("penalty", view(&penalty_, {}));
-  sample_->bind_input("history", view(history_.data(), {N, 16}));
-  sample_->bind_input("top_p", view(&top_p_, {}));
-  sample_->bind_input("top_k", view(&top_k_, {}));
-  sample_->bind_input("eos_id", view(&eos_id_, {}));
-  sample_->bind_input("block_eos", view(&block_eos_, {}));
-  sample_->bind_input("noise", view(noise, {N, V}));
-  sample_->bind_output("next_ids", view(next_ids_.data(), {N}));
+  if (bind) {
+    sample_->bind_input("logits", view(logits_.data(), {N, V}));
+    sample_->bind_input("temperature", view(temperature_.data(), {N}));
+    sample_->bind_input("penalty", view(&penalty_, {}));
+    sample_->bind_input("history", view(history_.data(), {N, 16}));
+    sample_->bind_input("top_p", view(&top_p_, {}));
+    sample_->bind_input("top_k", view(&top_k_, {}));
+    sample_->bind_input("eos_id", view(&eos_id_, {}));
+    sample_->bind_input("block_eos", view(&block_eos_, {}));
+    sample_->bind_output("next_ids", view(next_ids_.data(), {N}));
+  }
+  if (bind || !g_.noise.empty()) sample_->bind_input("noise", view(noise, {N, V}));  // supplied noise moves
   sample_->run(run_opts_);
   if (profile_) prof_sample_ += ms_since(tp);
 
@@ -392,6 +411,7 @@ StepResult Engine::step(bool return_hidden) {
   }
   for (int64_t n = 0; n < N; ++n) history_[n * 16 + (step_ % 16)] = next_ids_[n];
   P_ = L;
+  if (fused_ && !first) decode_bound_ = true;
   ++step_;
   if (profile_) {
     prof_other_ += ms_since(tp);

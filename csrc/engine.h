@@ -1,10 +1,14 @@
 // The decode loop: embedding -> layers -> head -> sample head, all ONNX sessions, all in C++.
 //
-// Every buffer is allocated when a generation starts (grown only if a bigger batch or context than any
-// before it arrives) and reused by every step: the KV cache of layer l lives in K_[l] / V_[l] as
-// [S_max, B, H, D] (sequence outermost), so the first P positions are one contiguous "past" view and the
-// S new positions are the contiguous slot right after it. Each layer graph reads the past view and writes
-// its present K/V straight into that slot through IO binding: no step allocates or copies the cache.
+// Every buffer is allocated at load for max_batch rows and max_context positions (grown once if a bigger
+// batch arrives) and reused by every step; no step allocates a buffer or copies the cache.
+// - fused form (default): the KV cache of layer l is one [B, H, S_max, D] buffer bound as both past and
+//   present of GroupQueryAttention, which appends the new positions in place. Decode steps all have the same
+//   shapes and addresses, so the IO bindings made at the first decode step are reused: a later step writes
+//   the new ids, positions and lengths into the bound buffers and runs the graphs.
+// - portable form: the cache is [S_max, B, H, D] (sequence outermost), so the first P positions are one
+//   contiguous "past" view and the S new positions are the contiguous slot right after it; each layer writes
+//   its present K/V straight into that slot. Its shapes grow with P, so it binds views every step.
 #pragma once
 
 #include "session.h"
@@ -79,7 +83,7 @@ class Engine {
  private:
   void ensure_capacity(int64_t batch, int64_t prompt_len);
   void run_layers_portable(int64_t S, int64_t P, float*& cur, float*& nxt);
-  void run_layers_fused(int64_t S, float*& cur, float*& nxt);
+  void run_layers_fused(int64_t S, float*& cur, float*& nxt, bool bind);
   void fill_noise(int64_t n_rows, int64_t vocab);
 
   EngineSpec spec_;
@@ -104,6 +108,7 @@ class Engine {
   float penalty_ = 1.0f, top_p_ = 0.7f;
   int64_t top_k_ = 20, eos_id_ = 625;
   bool block_eos_ = false;
+  bool decode_bound_ = false;  // fused form: the decode bindings are in place (see step())
 
   // Generation state.
   GenerationSpec g_;

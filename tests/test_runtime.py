@@ -86,6 +86,18 @@ def test_seeded_generation_is_reproducible(rt):
     assert a.shape == (30, 4) and np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_generations_do_not_leak_into_each_other(rt, tiny_export):
+    # Decode steps reuse the bindings of the first decode step; a new generation (other batch size, other
+    # head, supplied noise) must bind afresh. The same request must give the same codes as on a fresh runtime.
+    p = InferCodeParams(max_new_token=25, min_new_token=25, manual_seed=5)
+    fresh = Runtime.load(tiny_export, threads=1, max_context=512, max_batch=2).generate("hello there", params=p)
+    rt.generate(TEXTS, params=InferCodeParams(max_new_token=7, min_new_token=7, manual_seed=9))
+    rt.refine_text("hi", params=RefineTextParams(max_new_token=5))
+    rt.generate("x", params=InferCodeParams(max_new_token=6, min_new_token=6), noise=_noise(6, 4, 626, 2))
+    again = rt.generate("hello there", params=p)
+    assert np.array_equal(fresh.codes[0], again.codes[0]) and fresh.codes[0].shape == (25, 4)
+
+
 def test_stream_frames_and_early_break(rt):
     frames = []
     for f in rt.stream("hello world", params=InferCodeParams(max_new_token=100, min_new_token=100, manual_seed=1)):
