@@ -137,3 +137,13 @@ def test_load_rss(fp32):
         assert np.isfinite(rep.ratio) and "MB" in rep.summary() and rep.to_json()["via"] == via
     with pytest.raises(ValueError, match="via"):
         load_rss(fp32, via="torch")
+
+
+def test_cli_memory(fp32, tmp_path, capsys):
+    from chattts_ort.cli import main
+
+    assert main(["memory", str(fp32), "--via", "ort", "--no-prepacking"]) == 0
+    out = capsys.readouterr().out
+    assert f"{fp32.name} via ort, prepacking off: weights" in out and "x)" in out
+    assert main(["memory", str(tmp_path / "absent")]) == 2
+    assert "absent" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`chattts-ort` command line: export, verify, quantize, demo, bench, info."""
+"""`chattts-ort` command line: export, verify, quantize, memory, demo, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,15 @@ def _cmd_quantize(args) -> int:
     rep = quantize_export(args.inp, args.out, plan=args.plan, block_size=args.block_size, force=args.force,
                           progress=not args.quiet)
     print(rep.summary())
+    return 0
+
+
+def _cmd_memory(args) -> int:
+    from .quantize import load_rss
+
+    for folder in args.folders:
+        rep = load_rss(folder, via=args.via, disable_prepacking=args.no_prepacking)
+        print(rep.summary())
     return 0
 
 
@@ -136,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_quantize)
+
+    s = sub.add_parser("memory", help="resident memory of loading an export folder, against its weight bytes")
+    s.add_argument("folders", nargs="+", metavar="folder")
+    s.add_argument("--via", default="runtime", choices=["runtime", "ort"],
+                   help="runtime: the C++ core (default); ort: one onnxruntime Python session per block")
+    s.add_argument("--no-prepacking", action="store_true",
+                   help="turn off ONNX Runtime's weight prepacking (less memory, much slower MatMuls)")
+    s.set_defaults(fn=_cmd_memory)
 
     s = sub.add_parser("demo", aliases=["say"], help="stream frames for a sentence and print the speed")
     s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a C++ core.")
