@@ -72,9 +72,11 @@ def test_cli_verify_against(fp32, tmp_path):
     from chattts_ort.cli import main
 
     quantize_export(fp32, tmp_path / "q", plan="int8", progress=False)
-    assert main(["verify", str(tmp_path / "q"), "--against", str(fp32), "--steps", "20", "--quiet"]) == 0
+    assert main(["verify", str(tmp_path / "q"), "--against", str(fp32), "--quiet"]) == 0
     saved = json.loads((tmp_path / "q" / "verify.json").read_text())
-    assert saved["worst_block"] and saved["chain"]["steps"] == 20
+    assert saved["worst_block"] and saved["chain"]["steps"] == 200  # the report's default: 200 steps
+    assert main(["verify", str(tmp_path / "q"), "--against", str(fp32), "--steps", "20", "--quiet"]) == 0
+    assert json.loads((tmp_path / "q" / "verify.json").read_text())["chain"]["steps"] == 20
 
 
 def test_optimized_export_runs_the_same(fp32, tmp_path):

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="per-block parity against PyTorch and chain token identity")
     s.add_argument("folder")
     s.add_argument("--against", default=None, help="an fp32 export folder: report quantization error against it")
-    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--steps", type=int, default=None, help="chain steps (default 100; 200 with --against)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_verify)
 

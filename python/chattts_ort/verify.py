@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -232,8 +233,11 @@ def verify_chain(folder, gpt, cfg, steps: int = 100, seed: int = 0) -> dict:
             "frames": [len(r) for r in got.frames], "end_step": got.end_step, "first_mismatch": first}
 
 
-def verify_export(folder, against=None, progress: bool = False, steps: int = 100, chain: bool = True,
+def verify_export(folder, against=None, progress: bool = False, steps: Optional[int] = None, chain: bool = True,
                   save: bool = True) -> VerifyReport:
+    """steps: chain steps (default 100 against PyTorch; 200 for the quantization report `against=FP32_DIR`)."""
+    if steps is None:
+        steps = 200 if against is not None else 100
     t0 = time.perf_counter()
     folder = Path(folder)
     manifest = load_manifest(folder)
