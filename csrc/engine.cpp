@@ -5,10 +5,6 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
-
 namespace chattts {
 namespace {
 
@@ -37,29 +33,12 @@ inline uint64_t next_u64(uint64_t* s) {
 
 }  // namespace
 
-namespace {
-
-// Loading a graph parses the whole file and copies its weights into tensors (and, for MatMul, into the
-// kernel's prepacked layout); the parse buffers and replaced weights are freed, but glibc keeps freed heap
-// pages mapped, so the process would hold ~1.25x the weights where 1.05x is live (fp32, measured with
-// chattts_ort.quantize.load_rss). Handing the free pages back after each block costs a few milliseconds.
-void release_freed_heap() {
-#if defined(__GLIBC__)
-  malloc_trim(0);
-#endif
-}
-
-}  // namespace
-
 Engine::Engine(const EngineSpec& spec) : spec_(spec) {
   if (spec_.layers.empty()) throw Error("engine spec has no layers");
   if (spec_.max_context < 2) throw Error("max_context must be at least 2");
   if (spec_.max_batch < 1) throw Error("max_batch must be at least 1");
-  // Each block is loaded, then the heap it freed while loading is handed back before the next one.
   auto open = [&](const std::string& path) {
-    auto s = std::make_unique<Session>(path, spec_.device, spec_.threads, spec_.session_config);
-    release_freed_heap();
-    return s;
+    return std::make_unique<Session>(path, spec_.device, spec_.threads, spec_.session_config);
   };
   embed_ = open(spec_.embed);
   for (auto& p : spec_.layers) layers_.push_back(open(p));
