@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from chattts_ort.export import ExportError, export_model, load_manifest, sha256_file
+from chattts_ort.export import graph_entry, ExportError, export_model, load_manifest, sha256_file
 from chattts_ort.verify import verify_export
 
 
@@ -62,6 +62,10 @@ def test_verify_names_a_broken_block(tiny_export, tmp_path):
     arr += np.random.default_rng(0).standard_normal(arr.shape).astype(arr.dtype) * 0.01
     init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     onnx.save(m, str(bad / "layer_01.onnx"))
+    # An exporter bug writes a self-consistent folder (manifest hashes match) with wrong numbers in one block.
+    man = json.loads((bad / "manifest.json").read_text())
+    man["graphs"]["layers"][1] = graph_entry(bad, "layer_01.onnx")
+    (bad / "manifest.json").write_text(json.dumps(man))
     rep = verify_export(bad, steps=20)
     assert not rep.ok and "layer_01" in rep.failed and "layer_00" not in rep.failed
 

@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from chattts_ort import InferCodeParams, Runtime
+from chattts_ort.errors import ExportError
 from chattts_ort.export import iter_graphs, load_manifest
 from chattts_ort.quantize import (QuantizeError, compare_exports, load_rss, optimize_export, quantize_export,
                                   resolve_plan)
@@ -103,7 +104,7 @@ def test_bad_plans_and_inputs(fp32, tmp_path):
     quantize_export(fp32, tmp_path / "q", plan="int8", progress=False)
     with pytest.raises(QuantizeError, match="already quantized"):
         quantize_export(tmp_path / "q", tmp_path / "qq", plan="int4", progress=False)
-    with pytest.raises(QuantizeError, match="already exists"):
+    with pytest.raises(ExportError, match="already exists"):
         quantize_export(fp32, tmp_path / "q", plan="int8", progress=False)
     assert not (tmp_path / "qq").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # nothing half-written

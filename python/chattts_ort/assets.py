@@ -10,9 +10,7 @@ Layout (ChatTTS 0.2.x):
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -135,8 +133,15 @@ def random_state_dicts(cfg: GPTConfig, seed: int = 0):
     return llama, emb
 
 
+def is_asset_folder(path) -> bool:
+    """A folder in ChatTTS's asset layout (what write_random_asset_folder may replace)."""
+    path = Path(path)
+    return (path / "gpt" / "config.json").is_file() and (path / "Embed.safetensors").is_file()
+
+
 def write_random_asset_folder(path, cfg: GPTConfig = None, seed: int = 0, tokenizer_json=None) -> Path:
-    """Write a seeded random model in ChatTTS's asset layout (atomically: temp folder, then rename).
+    """Write a seeded random model in ChatTTS's asset layout (atomically: temp folder, then rename; an
+    existing folder is replaced only if it is an asset folder or empty).
 
     tokenizer_json: a tokenizer.json to copy; default: the generated one (tokenizer.make_generated_tokenizer),
     which has ChatTTS's special tokens at ChatTTS's ids. gpt/model.safetensors omits LlamaModel's
@@ -148,11 +153,11 @@ def write_random_asset_folder(path, cfg: GPTConfig = None, seed: int = 0, tokeni
 
     from .tokenizer import make_generated_tokenizer
 
+    from .format import atomic_folder
+
     cfg = cfg or GPTConfig.full()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path, force=True, replaceable=is_asset_folder, what="a ChatTTS asset folder") as tmp:
         (tmp / "gpt").mkdir()
         (tmp / "tokenizer").mkdir()
         (tmp / "gpt" / "config.json").write_text(json.dumps(cfg.to_chattts_json(), indent=2))
@@ -163,12 +168,6 @@ def write_random_asset_folder(path, cfg: GPTConfig = None, seed: int = 0, tokeni
             shutil.copyfile(tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
         else:
             make_generated_tokenizer(tmp / "tokenizer" / "tokenizer.json")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -110,6 +110,16 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chattts-ort", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,14 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: GroupQueryAttention, KV written in place (default); portable: standard ONNX ops")
     s.add_argument("--kv-dtype", default="fp32", choices=["fp32", "fp16"],
                    help="KV cache precision (fp16: fused form only; halves the cache memory, not faster on CPU)")
-    s.add_argument("--steps", type=int, default=100, help="chain-verification steps (with --verify)")
+    s.add_argument("--steps", type=_positive_int, default=100, help="chain-verification steps (with --verify)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("verify", help="per-block parity against PyTorch and chain token identity")
     s.add_argument("folder")
     s.add_argument("--against", default=None, help="an fp32 export folder: report quantization error against it")
-    s.add_argument("--steps", type=int, default=None, help="chain steps (default 100; 200 with --against)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="chain steps (default 100; 200 with --against)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_verify)
 
@@ -158,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a C++ core.")
     s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--frames", type=int, default=300, help="max_new_token")
+    s.add_argument("--threads", type=_positive_int, default=None)
+    s.add_argument("--frames", type=_positive_int, default=300, help="max_new_token")
     s.add_argument("--min-frames", type=int, default=0, help="min_new_token")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_demo)

@@ -7,3 +7,16 @@ class ChatTTSOrtError(RuntimeError):
 
 class AssetError(ChatTTSOrtError):
     """A ChatTTS asset folder is missing a file, a tensor, or a config key, or a shape does not match."""
+
+
+class ExportError(ChatTTSOrtError):
+    """An export folder that cannot be written, read or trusted (a bad manifest, a missing or altered graph).
+    A failed write leaves nothing behind."""
+
+
+class QuantizeError(ChatTTSOrtError):
+    """A plan or an input folder that cannot be quantized (nothing was written)."""
+
+
+class GenerationError(ChatTTSOrtError):
+    """A generation that cannot go on: non-finite values in a block, a cancelled run, a closed Runtime."""

@@ -7,11 +7,7 @@ export leaves nothing behind.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,15 +16,11 @@ from pathlib import Path
 
 from . import __version__
 from .config import SPECIAL_TOKENS, GPTConfig
-from .errors import ChatTTSOrtError
+from .errors import ExportError
+from .format import (FORMAT, LAYER_FORMS, MANIFEST, OPSET, atomic_folder, iter_graphs, layer_name,  # noqa: F401
+                     read_manifest, sha256_file, tag_graph, write_manifest)
 
-FORMAT = "chattts-ort/1"
-OPSET = 17
-MANIFEST = "manifest.json"
-
-
-class ExportError(ChatTTSOrtError):
-    """The export could not be written (nothing was left behind)."""
+load_manifest = read_manifest  # the name older callers use
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +147,9 @@ def example_inputs(cfg: GPTConfig, block: str, B: int = 2, S: int = 3, P: int = 
     raise ValueError(f"unknown block {block!r}")
 
 
-def _export_graph(module, args, path: Path, io) -> None:
+def _export_graph(module, args, path: Path, io):
+    """torch.onnx export of one block; returns the loaded ModelProto (the caller tags and saves it)."""
+    import onnx
     import torch
 
     names_in, names_out, axes = io
@@ -165,17 +159,7 @@ def _export_graph(module, args, path: Path, io) -> None:
             module, args, str(path), dynamo=False, opset_version=OPSET,
             input_names=names_in, output_names=names_out, dynamic_axes=axes, do_constant_folding=True,
         )
-
-
-def sha256_file(path: os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+    return onnx.load(str(path))
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 11: "float64", 3: "int8", 2: "uint8"}
@@ -218,62 +202,59 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-LAYER_FORMS = ("fused", "portable")
-
-
-def export_model(src, out, *, force: bool = False, progress: bool = True, verify: bool = False,
-                 layer_form: str = "fused", kv_dtype: str = "fp32") -> ExportReport:
+def export_model(src, out, *, force: bool = False, progress: bool = True, layer_form: str = "fused",
+                 kv_dtype: str = "fp32") -> ExportReport:
     """Export SRC (a ChatTTS asset folder, or "random"/"random-tiny" for the seeded default) to OUT.
 
     layer_form: "fused" (GroupQueryAttention over an in-place [B, H, M, D] KV buffer; the default) or
-    "portable" (standard ONNX ops only, KV [P, B, H, D] views). OUT must not exist unless force=True.
-    The folder appears only when complete.
+    "portable" (standard ONNX ops only, KV [P, B, H, D] views). OUT must not exist unless force=True, and
+    force replaces only an earlier export (or an empty folder). The folder appears only when complete
+    (format.atomic_folder). Verification is a separate step (checks.verify; the CLI runs it with --verify).
     """
     if layer_form not in LAYER_FORMS:
         raise ExportError(f"unknown layer_form {layer_form!r} (choose from {', '.join(LAYER_FORMS)})")
     if kv_dtype not in ("fp32", "fp16") or (kv_dtype == "fp16" and layer_form != "fused"):
         raise ExportError(f"kv_dtype {kv_dtype!r}: fp32, or fp16 with the fused layer form")
+    from .format import check_output_folder
+
+    check_output_folder(out, force)  # fail before the (slow) model load
     import torch
 
     from .defaults import resolve_source
 
     out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists (use --force to replace it)")
     t0 = time.perf_counter()
     gpt, cfg, tokenizer_json = resolve_source(src)
     gpt.eval()
     EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, SampleHead = _wrappers()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        jobs = [("embed", "embed.onnx", lambda: (EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO))]
+    with atomic_folder(out, force) as tmp:
+        jobs = [("embed", lambda: (EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO))]
         for i, layer in enumerate(gpt.layers):
             if layer_form == "fused":
-                jobs.append((f"layer {i}", f"layer_{i:02d}.onnx", lambda layer=layer, i=i: (layer, i, None)))
+                jobs.append((layer_name(i), lambda layer=layer: (layer, None, None)))
             else:
-                jobs.append((f"layer {i}", f"layer_{i:02d}.onnx",
+                jobs.append((layer_name(i),
                              lambda layer=layer: (LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO)))
-        jobs.append(("head_code", "head_code.onnx", lambda: (HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
-        jobs.append(("head_text", "head_text.onnx", lambda: (HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO)))
-        jobs.append(("sample", "sample.onnx", lambda: (SampleHead(), example_inputs(cfg, "sample"), SAMPLE_IO)))
+        jobs.append(("head_code", lambda: (HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
+        jobs.append(("head_text", lambda: (HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO)))
+        jobs.append(("sample", lambda: (SampleHead(), example_inputs(cfg, "sample"), SAMPLE_IO)))
 
         bar = _progress(len(jobs), progress, "export")
         with torch.no_grad():
-            for label, file, make in jobs:
+            for block, make in jobs:
                 if bar is not None:
-                    bar.set_postfix_str(label)
+                    bar.set_postfix_str(block)
                 module, args, io = make()
+                path = tmp / f"{block}.onnx"
                 if io is None:  # a fused layer: written directly from the weights
-                    import onnx
-
                     from .fused import build_fused_layer
 
-                    onnx.save(build_fused_layer(module, cfg, name=f"layer_{args:02d}", kv_dtype=kv_dtype),
-                              str(tmp / file))
+                    model = build_fused_layer(module, cfg, name=block, kv_dtype=kv_dtype)
                 else:
-                    _export_graph(module, args, tmp / file, io)
+                    model = _export_graph(module, args, path, io)
+                tag_graph(model, block)
+                _save(model, path)
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
@@ -294,27 +275,22 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, verify
             "tokenizer": "tokenizer.json",
             "graphs": {
                 "embed": graph_entry(tmp, "embed.onnx"),
-                "layers": [graph_entry(tmp, f"layer_{i:02d}.onnx") for i in range(cfg.num_layers)],
+                "layers": [graph_entry(tmp, f"{layer_name(i)}.onnx") for i in range(cfg.num_layers)],
                 "head_code": graph_entry(tmp, "head_code.onnx"),
                 "head_text": graph_entry(tmp, "head_text.onnx"),
                 "sample": graph_entry(tmp, "sample.onnx"),
             },
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     total = sum(p.stat().st_size for p in out.iterdir())
     weights = sum(p.numel() for p in gpt.parameters()) * 4
-    report = ExportReport(out, time.perf_counter() - t0, _peak_rss_mb(), total, weights)
-    if verify:
-        from .verify import verify_export
+    return ExportReport(out, time.perf_counter() - t0, _peak_rss_mb(), total, weights)
 
-        verify_export(out, progress=progress)
-    return report
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    onnx.save(model, str(path))
 
 
 def _onnx_version() -> str:
@@ -331,30 +307,3 @@ def _progress(total: int, enabled: bool, desc: str):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, desc=desc, unit="graph", leave=False)
-
-
-def load_manifest(folder) -> dict:
-    folder = Path(folder)
-    p = folder / MANIFEST
-    if not p.is_file():
-        raise ExportError(f"{folder} is not a chattts-ort export: {MANIFEST} is missing")
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{p} is not valid JSON: {e}") from e
-    if m.get("format") != FORMAT:
-        raise ExportError(f"{p}: format {m.get('format')!r} is not {FORMAT!r}")
-    for key in ("config", "graphs"):
-        if key not in m:
-            raise ExportError(f"{p}: missing key {key!r}")
-    return m
-
-
-def iter_graphs(manifest: dict):
-    """(block name, entry) for every graph of a manifest, layers as 'layer_NN'."""
-    g = manifest["graphs"]
-    yield "embed", g["embed"]
-    for i, e in enumerate(g["layers"]):
-        yield f"layer_{i:02d}", e
-    for k in ("head_code", "head_text", "sample"):
-        yield k, g[k]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching import left_pad, prefill_positions
-from .export import load_manifest
+from .format import read_manifest as load_manifest
 
 
 @dataclass

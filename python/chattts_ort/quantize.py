@@ -21,15 +21,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ChatTTSOrtError
-from .export import MANIFEST, graph_entry, iter_graphs, load_manifest, sha256_file
+from .errors import QuantizeError
+from .export import graph_entry
+from .format import MANIFEST, atomic_folder, iter_graphs, open_export, read_manifest, sha256_file, tag_graph_file
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 ALLOWED = {"embed": ("fp32", "fp16"), "sample": ("fp32",)}  # other blocks take every precision
@@ -45,10 +45,6 @@ PLANS = {
     "int4-edges": {"layers": "int4", "first_layer": "int8", "last_layer": "int8", "head_code": "int8",
                    "head_text": "int8"},
 }
-
-
-class QuantizeError(ChatTTSOrtError):
-    """A plan or an input folder that cannot be quantized (nothing was written)."""
 
 
 def resolve_plan(plan, manifest: dict) -> dict:
@@ -183,22 +179,6 @@ class QuantizeReport:
                 f"{self.bytes_out / 1e6:.1f} MB")
 
 
-def _atomic_folder_job(out: Path, force: bool, job):
-    out = Path(out)
-    if out.exists() and not force:
-        raise QuantizeError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        job(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = False,
                     progress: bool = True, optimize=None) -> QuantizeReport:
     """Write a new export folder whose blocks carry the precisions of `plan` (see resolve_plan).
@@ -206,7 +186,7 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
     optimize: save every block as ONNX Runtime's offline-optimised graph too (see optimize_export); None takes
     the plan's "optimize" option (default false)."""
     inp = Path(inp)
-    manifest = load_manifest(inp)
+    manifest = open_export(inp)  # as Runtime.load checks it: a tampered folder is refused, not re-hashed
     done = {n: e.get("precision", "fp32") for n, e in iter_graphs(manifest)}
     if any(p != "fp32" for p in done.values()) or manifest.get("quantization"):
         raise QuantizeError(f"{inp} is already quantized ({ {n: p for n, p in done.items() if p != 'fp32'} }); "
@@ -237,6 +217,8 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
                 quantize_block(inp / entry["file"], tmp / entry["file"], precisions[name], block_size)
                 if optimize:
                     _optimize_file(tmp / entry["file"], tmp / entry["file"])
+                if precisions[name] != "fp32" or optimize:
+                    tag_graph_file(tmp / entry["file"], name)
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -257,7 +239,8 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
             m["optimized"] = OPTIMIZED
         (tmp / MANIFEST).write_text(json.dumps(m, indent=2))
 
-    _atomic_folder_job(out, force, job)
+    with atomic_folder(out, force) as tmp:
+        job(tmp)
     size = lambda folder: sum(p.stat().st_size for p in Path(folder).glob("*.onnx"))  # noqa: E731
     return QuantizeReport(Path(out), precisions, time.perf_counter() - t0, size(inp), size(out))
 
@@ -284,13 +267,14 @@ def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Pat
     """Save every block as ONNX Runtime's offline-optimised graph (ORT_ENABLE_EXTENDED: RMSNorm, GELU/SiLU and
     MatMul fusions; layout-independent, so the files stay portable). Graph IO is unchanged."""
     inp = Path(inp)
-    manifest = load_manifest(inp)
+    manifest = open_export(inp)
     if manifest.get("optimized"):
         raise QuantizeError(f"{inp} is already optimised ({manifest['optimized']})")
 
     def job(tmp: Path):
         for name, entry in iter_graphs(manifest):
             _optimize_file(inp / entry["file"], tmp / entry["file"])
+            tag_graph_file(tmp / entry["file"], name)
         shutil.copyfile(inp / manifest.get("tokenizer", "tokenizer.json"), tmp / "tokenizer.json")
         m = json.loads(json.dumps(manifest))
         g = m["graphs"]
@@ -301,7 +285,8 @@ def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Pat
         m["optimized"] = OPTIMIZED
         (tmp / MANIFEST).write_text(json.dumps(m, indent=2))
 
-    _atomic_folder_job(Path(out), force, job)
+    with atomic_folder(out, force) as tmp:
+        job(tmp)
     return Path(out)
 
 
@@ -378,7 +363,7 @@ def compare_exports(folder, against, steps: int = 200, progress: bool = False, s
 
     t0 = time.perf_counter()
     folder, against = Path(folder), Path(against)
-    mq, mf = load_manifest(folder), load_manifest(against)
+    mq, mf = open_export(folder), open_export(against)  # verify refuses what Runtime.load refuses
     if mq["config"] != mf["config"] or mq.get("layer_form") != mf.get("layer_form"):
         raise QuantizeError(f"{folder} and {against} are not exports of the same model and layer form")
     cfg = GPTConfig.from_dict(mq["config"])
@@ -550,7 +535,7 @@ def load_rss(folder, via: str = "runtime", disable_prepacking: bool = False, max
     if not Path("/proc/self/status").exists():
         raise RuntimeError("load_rss reads /proc/self/status (Linux only)")
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     files = [str(folder / e["file"]) for _, e in iter_graphs(manifest)]
     config = {"session.disable_prepacking": "1"} if disable_prepacking else {}
     args = {"folder": str(folder), "files": files, "via": via, "config": config, "max_context": int(max_context)}

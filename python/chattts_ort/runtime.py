@@ -16,8 +16,8 @@ import numpy as np
 
 from ._native import core
 from .batching import left_pad
-from .errors import ChatTTSOrtError
-from .export import ExportError, iter_graphs, load_manifest, sha256_file
+from .errors import ExportError
+from .format import block_io, graph_path, iter_graphs, open_export
 from .params import InferCodeParams, RefineTextParams, build_prompt_code, build_prompt_refine
 
 SpeakerLike = Union[None, str, np.ndarray, Sequence[float]]
@@ -75,23 +75,9 @@ class Runtime:
         {"session.disable_prepacking": "1"}.
         """
         folder = Path(export_dir)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"export folder not found: {folder}")
-        manifest = load_manifest(folder)
+        manifest = open_export(folder, hashes=verify)
         cfg = manifest["config"]
         entries = list(iter_graphs(manifest))
-        for name, e in entries:
-            p = folder / e["file"]
-            if not p.is_file():
-                raise ExportError(f"{p}: graph '{name}' named in the manifest is missing")
-            if p.stat().st_size != e["bytes"]:
-                raise ExportError(f"{p}: size {p.stat().st_size} does not match the manifest ({e['bytes']}); "
-                                  "the file is corrupt or from another export")
-            if verify and sha256_file(p) != e["sha256"]:
-                raise ExportError(f"{p}: sha256 does not match the manifest; the file is corrupt or from another export")
-        if len(manifest["graphs"]["layers"]) != cfg["num_layers"]:
-            raise ExportError(f"{folder}: manifest lists {len(manifest['graphs']['layers'])} layers, config says "
-                              f"{cfg['num_layers']}")
         if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
         threads = int(threads) if threads else (os.cpu_count() or 1)
@@ -111,11 +97,11 @@ class Runtime:
                                "install onnxruntime-gpu on a machine with an NVIDIA GPU")
         g = manifest["graphs"]
         spec = c.EngineSpec()
-        spec.embed = str(folder / g["embed"]["file"])
-        spec.layers = [str(folder / e["file"]) for e in g["layers"]]
-        spec.head_code = str(folder / g["head_code"]["file"])
-        spec.head_text = str(folder / g["head_text"]["file"])
-        spec.sample = str(folder / g["sample"]["file"])
+        spec.embed = str(graph_path(folder, g["embed"]))
+        spec.layers = [str(graph_path(folder, e)) for e in g["layers"]]
+        spec.head_code = str(graph_path(folder, g["head_code"]))
+        spec.head_text = str(graph_path(folder, g["head_text"]))
+        spec.sample = str(graph_path(folder, g["sample"]))
         spec.hidden = cfg["hidden_size"]
         spec.heads = cfg["num_heads"]
         spec.head_dim = cfg["hidden_size"] // cfg["num_heads"]
@@ -134,7 +120,8 @@ class Runtime:
             engine = c.Engine(spec)
         except RuntimeError as e:
             raise ExportError(str(e)) from e
-        # The graphs must have the IO names the manifest (and the engine) expect.
+        # The graphs must have the IO names the manifest declares, and those the engine binds.
+        form = manifest.get("layer_form", "portable")
         for name, e in entries:
             which, layer = ("layer", int(name[6:])) if name.startswith("layer_") else (name, 0)
             ins, outs = engine.io(which, layer)
@@ -142,11 +129,15 @@ class Runtime:
             want = ([i["name"] for i in e["inputs"]], [o["name"] for o in e["outputs"]])
             if got != want:
                 raise ExportError(f"{folder / e['file']}: graph IO {got} does not match the manifest {want}")
+            need_in, need_out = block_io(name, form)
+            for side, names, needed in (("input", got[0], need_in), ("output", got[1], need_out)):
+                missing = [n for n in needed if n not in names]
+                if missing:
+                    raise ExportError(f"{folder / e['file']}: block {name} ({form} form) has no {side} "
+                                      f"{missing[0]!r}; the graph is not a {form} {name.split('_')[0]} block")
         from .tokenizer import Tokenizer
 
         tok_path = folder / manifest.get("tokenizer", "tokenizer.json")
-        if not tok_path.is_file():
-            raise ExportError(f"{tok_path}: tokenizer named in the manifest is missing")
         return cls(folder, manifest, engine, Tokenizer(tok_path), device, threads, int(max_context))
 
     # ------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from .export import example_inputs, iter_graphs, load_manifest
+from .export import example_inputs
+from .format import iter_graphs, open_export, read_manifest, write_text_atomic
 
 # fp32 tolerance on the max abs error, scaled by the output's magnitude: |err| <= ATOL + RTOL * max|want|.
 # Observed fp32 errors are ~1e-7 relative (ORT and PyTorch sum in different orders).
@@ -198,7 +199,7 @@ def verify_chain(folder, gpt, cfg, steps: int = 100, seed: int = 0) -> dict:
     from .reference import generate_reference
 
     rng = np.random.default_rng(seed)
-    special = load_manifest(folder).get("special_tokens", {})
+    special = read_manifest(folder).get("special_tokens", {})
     stts, ptts, spk_id = special.get("Stts", 21131), special.get("Ptts", 21132), special.get("spk_emb", 21143)
     prompts = [
         [stts, spk_id] + rng.integers(1000, 20000, 9).tolist() + [ptts],
@@ -240,7 +241,9 @@ def verify_export(folder, against=None, progress: bool = False, steps: Optional[
         steps = 200 if against is not None else 100
     t0 = time.perf_counter()
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    manifest = open_export(folder)  # a folder whose files do not match its manifest is refused, not verified
     if against is not None:
         from .quantize import compare_exports
 
@@ -253,5 +256,5 @@ def verify_export(folder, against=None, progress: bool = False, steps: Optional[
     report.seconds = time.perf_counter() - t0
     if save:
         report.path = folder / "verify.json"
-        report.path.write_text(json.dumps(report.to_json(), indent=2))
+        write_text_atomic(report.path, json.dumps(report.to_json(), indent=2))
     return report

@@ -1,0 +1,389 @@
+"""The on-disk contract between export and run: the one module both sides import (docs/FORMAT.md).
+
+It owns the format version, the manifest (read, write, check), the block names and the IO names of every
+graph, sha256, and atomic folder writes. It imports neither torch nor the C++ core.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Tuple
+
+from .errors import ExportError
+
+FORMAT = "chattts-ort/1"
+MANIFEST = "manifest.json"
+OPSET = 17
+
+# Block names: the keys of the manifest's "graphs" and the names used in errors, plans and reports.
+EMBED, HEAD_CODE, HEAD_TEXT, SAMPLE = "embed", "head_code", "head_text", "sample"
+SINGLE_BLOCKS = (EMBED, HEAD_CODE, HEAD_TEXT, SAMPLE)
+LAYER_FORMS = ("fused", "portable")
+KV_DTYPES = ("fp32", "fp16")
+# ONNX metadata key naming the block a graph file was exported as (a swapped or duplicated file is caught at load).
+BLOCK_METADATA_KEY = "chattts_ort.block"
+
+
+def layer_name(i: int) -> str:
+    return f"layer_{i:02d}"
+
+
+# Graph IO names, per block (and per layer form). The C++ core binds exactly these names; Runtime.load
+# checks every graph against them before the first step.
+EMBED_INPUTS = ("input_ids", "text_mask", "speaker", "position_ids", "key_mask")
+EMBED_OUTPUTS = ("hidden", "cos", "sin", "attn_bias")
+LAYER_INPUTS = {
+    "portable": ("hidden", "cos", "sin", "attn_bias", "past_key", "past_value"),
+    "fused": ("hidden", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"),
+}
+LAYER_OUTPUTS = ("hidden_out", "present_key", "present_value")
+HEAD_INPUTS = ("hidden",)
+HEAD_OUTPUTS = ("logits", "last_hidden")
+SAMPLE_INPUTS = ("logits", "temperature", "penalty", "history", "top_p", "top_k", "eos_id", "block_eos", "noise")
+SAMPLE_OUTPUTS = ("next_ids",)
+
+
+def block_io(block: str, layer_form: str) -> Tuple[tuple, tuple]:
+    """(input names, output names) a block must have, in order."""
+    if block == EMBED:
+        return EMBED_INPUTS, EMBED_OUTPUTS
+    if block.startswith("layer_"):
+        return LAYER_INPUTS[layer_form], LAYER_OUTPUTS
+    if block in (HEAD_CODE, HEAD_TEXT):
+        return HEAD_INPUTS, HEAD_OUTPUTS
+    if block == SAMPLE:
+        return SAMPLE_INPUTS, SAMPLE_OUTPUTS
+    raise ExportError(f"unknown block {block!r}")
+
+
+def iter_graphs(manifest: dict) -> Iterator[Tuple[str, dict]]:
+    """(block name, entry) for every graph of a manifest, layers as 'layer_NN', in chain order."""
+    g = manifest["graphs"]
+    yield EMBED, g[EMBED]
+    for i, e in enumerate(g["layers"]):
+        yield layer_name(i), e
+    for k in (HEAD_CODE, HEAD_TEXT, SAMPLE):
+        yield k, g[k]
+
+
+def sha256_file(path: os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifest schema. Every error names the file and the field, so a hand-edited or truncated manifest is told
+# apart from a broken graph.
+
+# config field -> (type, lowest, highest). Highest bounds keep every size product far from int64 overflow.
+CONFIG_FIELDS = {
+    "hidden_size": (int, 1, 1 << 16),
+    "num_layers": (int, 1, 1024),
+    "num_heads": (int, 1, 1024),
+    "intermediate_size": (int, 1, 1 << 18),
+    "rms_norm_eps": (float, 1e-12, 1.0),
+    "rope_theta": (float, 1.0, 1e9),
+    "num_text_tokens": (int, 2, 1 << 24),
+    "num_audio_tokens": (int, 2, 1 << 20),
+    "num_vq": (int, 1, 4),
+    "max_position_embeddings": (int, 2, 1 << 20),
+}
+GRAPH_ENTRY_FIELDS = {"file": str, "sha256": str, "bytes": int, "inputs": list, "outputs": list}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def check_config(cfg, where: str) -> None:
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{where}: 'config' must be an object")
+    for key, (typ, lo, hi) in CONFIG_FIELDS.items():
+        if key not in cfg:
+            raise ExportError(f"{where}: config.{key} is missing")
+        v = cfg[key]
+        ok = _is_int(v) if typ is int else _is_number(v)
+        if not ok or not (lo <= v <= hi):
+            kind = "an integer" if typ is int else "a finite number"
+            raise ExportError(f"{where}: config.{key} must be {kind} in [{lo}, {hi}], got {v!r}")
+    if cfg["hidden_size"] % cfg["num_heads"] or (cfg["hidden_size"] // cfg["num_heads"]) % 2:
+        raise ExportError(f"{where}: config.hidden_size {cfg['hidden_size']} must be num_heads "
+                          f"({cfg['num_heads']}) times an even head size")
+
+
+def check_manifest(m, where: str) -> dict:
+    """Structural check of a parsed manifest; returns it. Raises ExportError naming the field."""
+    if not isinstance(m, dict):
+        raise ExportError(f"{where}: the manifest must be a JSON object")
+    if m.get("format") != FORMAT:
+        raise ExportError(f"{where}: format {m.get('format')!r} is not {FORMAT!r}")
+    for key in ("config", "graphs"):
+        if key not in m:
+            raise ExportError(f"{where}: missing key {key!r}")
+    check_config(m["config"], where)
+    form = m.get("layer_form", "portable")
+    if form not in LAYER_FORMS:
+        raise ExportError(f"{where}: layer_form {form!r} is not one of {', '.join(LAYER_FORMS)}")
+    kv = m.get("kv_dtype", "fp32")
+    if kv not in KV_DTYPES or (kv == "fp16" and form != "fused"):
+        raise ExportError(f"{where}: kv_dtype {kv!r} (fp32, or fp16 with the fused layer form)")
+    if not isinstance(m.get("tokenizer", "tokenizer.json"), str):
+        raise ExportError(f"{where}: 'tokenizer' must be a file name")
+    st = m.get("special_tokens", {})
+    if not isinstance(st, dict) or not all(_is_int(v) for v in st.values()):
+        raise ExportError(f"{where}: 'special_tokens' must map names to integer ids")
+    g = m["graphs"]
+    if not isinstance(g, dict):
+        raise ExportError(f"{where}: 'graphs' must be an object")
+    for k in SINGLE_BLOCKS + ("layers",):
+        if k not in g:
+            raise ExportError(f"{where}: graphs.{k} is missing")
+    if not isinstance(g["layers"], list):
+        raise ExportError(f"{where}: graphs.layers must be a list")
+    if len(g["layers"]) != m["config"]["num_layers"]:
+        raise ExportError(f"{where}: graphs.layers lists {len(g['layers'])} layers, config.num_layers is "
+                          f"{m['config']['num_layers']}")
+    files = {}
+    for name, e in iter_graphs(m):
+        field = f"graphs.{name}" if not name.startswith("layer_") else f"graphs.layers[{int(name[6:])}]"
+        if not isinstance(e, dict):
+            raise ExportError(f"{where}: {field} must be an object")
+        for key, typ in GRAPH_ENTRY_FIELDS.items():
+            if key not in e:
+                raise ExportError(f"{where}: {field}.{key} is missing")
+            if not isinstance(e[key], typ) or (typ is int and isinstance(e[key], bool)):
+                raise ExportError(f"{where}: {field}.{key} must be of type {typ.__name__}")
+        _check_file_name(e["file"], f"{where}: {field}.file")
+        if e["file"] in files:
+            raise ExportError(f"{where}: {field}.file {e['file']!r} is also the file of {files[e['file']]}")
+        files[e["file"]] = name
+        for side in ("inputs", "outputs"):
+            for j, io in enumerate(e[side]):
+                if not isinstance(io, dict) or not isinstance(io.get("name"), str) or not isinstance(io.get("shape", []), list):
+                    raise ExportError(f"{where}: {field}.{side}[{j}] must be an object with a 'name' and a 'shape'")
+    _check_file_name(m.get("tokenizer", "tokenizer.json"), f"{where}: tokenizer")
+    return m
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def _check_file_name(name: str, what: str) -> None:
+    """Graph and tokenizer files are plain names inside the export folder: no paths, no '..'."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise ExportError(f"{what} {name!r} must be a plain file name inside the export folder")
+
+
+def read_manifest(folder) -> dict:
+    """The checked manifest of an export folder (ExportError if it is missing, unreadable or malformed)."""
+    folder = Path(folder)
+    p = folder / MANIFEST
+    if not p.is_file():
+        raise ExportError(f"{folder} is not a chattts-ort export: {MANIFEST} is missing")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ExportError(f"{p} is not UTF-8 text: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{p} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise ExportError(f"{p} cannot be read: {e}") from e
+    return check_manifest(m, str(p))
+
+
+def graph_path(folder: Path, entry: dict) -> Path:
+    """The graph file of a manifest entry, confined to the folder (symlinks out of it are refused)."""
+    folder = Path(folder)
+    p = folder / entry["file"]
+    if p.resolve().parent != folder.resolve():
+        raise ExportError(f"{p}: resolves outside the export folder {folder}")
+    return p
+
+
+def check_files(folder, manifest: dict, hashes: bool = True) -> None:
+    """Every graph named by the manifest exists in the folder with the recorded size (and sha256)."""
+    folder = Path(folder)
+    for name, e in iter_graphs(manifest):
+        p = graph_path(folder, e)
+        if not p.is_file():
+            raise ExportError(f"{p}: graph '{name}' named in the manifest is missing")
+        if p.stat().st_size != e["bytes"]:
+            raise ExportError(f"{p}: size {p.stat().st_size} does not match the manifest ({e['bytes']}); "
+                              "the file is corrupt or from another export")
+        if hashes and sha256_file(p) != e["sha256"]:
+            raise ExportError(f"{p}: sha256 does not match the manifest; the file is corrupt or from another export")
+    tok = folder / manifest.get("tokenizer", "tokenizer.json")
+    if not tok.is_file():
+        raise ExportError(f"{tok}: tokenizer named in the manifest is missing")
+
+
+def open_export(folder, hashes: bool = True) -> dict:
+    """read_manifest + check_files: what every consumer of an export folder (runtime, quantize, verify) does
+    before it reads a graph."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"export folder not found: {folder}")
+    m = read_manifest(folder)
+    check_files(folder, m, hashes=hashes)
+    return m
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    check_manifest(manifest, str(Path(folder) / MANIFEST))
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def is_export(folder) -> bool:
+    p = Path(folder) / MANIFEST
+    try:
+        return json.loads(p.read_text()).get("format", "").startswith("chattts-ort/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic folder writes.
+#
+# A folder is built in a hidden sibling ".NAME.tmp-PID-XXXX" and moved into place only when complete. With
+# force, an existing folder is replaced only if `replaceable` says it is one of ours (or it is empty): it is
+# renamed aside to ".NAME.old-PID-XXXX", the new one is moved in, then the old one is deleted. Siblings of
+# both kinds left by a process that no longer runs (kill -9) are removed by the next write to the same name.
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]*$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(out: Path) -> list:
+    """Delete the temporary siblings of `out` whose writer process is gone; returns what was removed."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.glob(f".{glob_escape(out.name)}.*-*"):
+        m = _LEFTOVER.match(p.name)
+        if not m or m.group("name") != out.name or _pid_alive(int(m.group("pid"))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([\[\]*?])", r"[\1]", s)
+
+
+def check_output_folder(out, force: bool, replaceable: Callable[[Path], bool] = is_export,
+                        what: str = "a chattts-ort export") -> Path:
+    """Refuse output paths that must never be written or replaced; returns the path."""
+    raw = str(out) if out is not None else ""
+    if raw.strip() in ("", ".", ".."):
+        raise ExportError(f"output folder {raw!r} is not a folder name (give a new folder, e.g. ./my-export)")
+    out = Path(out)
+    res = out.resolve()
+    cwd = Path.cwd().resolve()
+    home = Path.home().resolve()
+    if res == Path(res.anchor) or res == home or cwd == res or res in cwd.parents:
+        raise ExportError(f"refusing to write to {out} ({res}): it is the root, the home folder, the working "
+                          "folder or one of its parents")
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; give the real folder")
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        if not force:
+            raise ExportError(f"{out} already exists (use --force to replace it)")
+        if any(out.iterdir()) and not replaceable(out):
+            raise ExportError(f"{out} exists and is not {what}; --force replaces only {what} or an empty "
+                              "folder (remove it yourself if you mean it)")
+    return out
+
+
+@contextmanager
+def atomic_folder(out, force: bool = False, replaceable: Callable[[Path], bool] = is_export,
+                  what: str = "a chattts-ort export"):
+    """Yields a temporary folder to fill; on success it becomes `out` (see the note above this function)."""
+    out = check_output_folder(out, force, replaceable, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
+    tag = f"{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
+    try:
+        yield tmp
+        old: Optional[Path] = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{tag}", dir=out.parent))
+            os.replace(out, old / "x")  # rename: same file system, never a copy
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "x", out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A file written to a sibling and renamed into place (a report is never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block tags: each graph file carries the name of the block it was exported as, in its ONNX metadata.
+
+
+def tag_graph(model, block: str):
+    """Set the block tag of an onnx.ModelProto (in place); returns it."""
+    for p in list(model.metadata_props):
+        if p.key == BLOCK_METADATA_KEY:
+            model.metadata_props.remove(p)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = BLOCK_METADATA_KEY, block
+    return model
+
+
+def tag_graph_file(path: Path, block: str) -> None:
+    """Re-tag a graph file in place (after a tool that may drop metadata, e.g. an optimiser)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.save(tag_graph(model, block), str(path))
