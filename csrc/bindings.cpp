@@ -1,16 +1,78 @@
 // pybind11 surface of the C++ core: kept thin on purpose. Python owns the user-facing API
-// (chattts_ort.Runtime); this file only converts arrays and releases the GIL around compute.
+// (chattts_ort.Runtime); this file converts arrays, crosses structs with named fields, and releases the GIL
+// around compute.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "engine.h"
+#include <chrono>
+#include <exception>
+#include <future>
+#include <thread>
+
+#include "model.h"
 #include "session.h"
+#include "state.h"
 
 namespace py = pybind11;
 using namespace chattts;
 
 namespace {
+
+// Runs fn with the GIL released. The GIL is taken back in plain code, not in a destructor: a daemon thread
+// that is still here when the interpreter exits is ended by Python through pthread_exit at that point, and a
+// forced unwind through a destructor (py::gil_scoped_release's) would abort the whole process.
+template <typename F>
+auto without_gil(F&& fn) -> decltype(fn()) {
+  decltype(fn()) out{};
+  std::exception_ptr err;
+  PyThreadState* ts = PyEval_SaveThread();
+  try {
+    out = fn();
+  } catch (...) {
+    err = std::current_exception();
+  }
+  PyEval_RestoreThread(ts);
+  if (err) std::rethrow_exception(err);
+  return out;
+}
+
+// Like without_gil, but fn runs on a helper thread while this one wakes every 50 ms to let Python handle
+// signals: Ctrl-C during a long prefill cuts the Run in flight (RunOptions terminate) and raises
+// KeyboardInterrupt at once instead of after the whole prompt.
+template <typename F>
+auto interruptible(State& state, F&& fn) -> decltype(fn()) {
+  using R = decltype(fn());
+  // However this frame is left (an exception, or the interpreter ending this thread), the worker is cut
+  // and joined first: a joinable std::thread must never be destroyed.
+  struct Worker {
+    State& state;
+    std::thread thread;
+    ~Worker() {
+      if (thread.joinable()) {
+        state.terminate();
+        thread.join();
+      }
+    }
+  };
+  std::packaged_task<R()> task(std::forward<F>(fn));
+  std::future<R> done = task.get_future();
+  Worker worker{state, std::thread(std::move(task))};
+  while (true) {
+    const bool ready = without_gil([&] {
+      return done.wait_for(std::chrono::milliseconds(50)) == std::future_status::ready;
+    });
+    if (ready) break;
+    if (PyErr_CheckSignals() != 0) {
+      state.terminate();
+      without_gil([&] { worker.thread.join(); return 0; });
+      try { done.get(); } catch (...) {}  // the cut Run's error; the signal's exception wins
+      throw py::error_already_set();
+    }
+  }
+  without_gil([&] { worker.thread.join(); return 0; });
+  return done.get();
+}
 
 ONNXTensorElementDataType ort_type(const py::dtype& dt) {
   if (dt.is(py::dtype::of<float>())) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -40,11 +102,12 @@ const TensorInfo& find(const std::vector<TensorInfo>& infos, const std::string& 
 // Binds caller-owned numpy arrays as inputs and outputs (no copies) and runs the graph.
 void session_run(Session& s, py::dict inputs, py::dict outputs) {
   std::vector<py::array> keep;
+  Ort::IoBinding binding = s.make_binding();
   auto bind = [&](py::dict d, bool is_input) {
     for (auto item : d) {
       std::string name = py::cast<std::string>(item.first);
-      py::array a = py::reinterpret_borrow<py::array>(item.second);
       if (!py::isinstance<py::array>(item.second)) throw py::type_error("'" + name + "' must be a numpy array");
+      py::array a = py::reinterpret_borrow<py::array>(item.second);
       if (!(a.flags() & py::array::c_style)) throw py::value_error("'" + name + "' must be C-contiguous");
       if (!is_input && !a.writeable()) throw py::value_error("output '" + name + "' must be writeable");
       const TensorInfo& info = find(is_input ? s.inputs() : s.outputs(), name, s, is_input ? "input" : "output");
@@ -55,30 +118,24 @@ void session_run(Session& s, py::dict inputs, py::dict outputs) {
       std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
       void* ptr = is_input ? const_cast<void*>(a.data()) : a.mutable_data();
       Ort::Value v = view(ptr, t, shape);
-      if (is_input) s.bind_input(name, v); else s.bind_output(name, v);
+      if (is_input) binding.BindInput(name.c_str(), v); else binding.BindOutput(name.c_str(), v);
       keep.push_back(a);
     }
   };
-  s.clear();
   bind(inputs, true);
   bind(outputs, false);
   Ort::RunOptions opts;
-  {
-    py::gil_scoped_release release;
-    s.run(opts);
-  }
-  s.clear();
+  without_gil([&] { s.run(opts, binding); return 0; });
 }
 
-template <typename T>
-std::vector<T> to_vector(py::array_t<T, py::array::c_style | py::array::forcecast> a) {
-  return std::vector<T>(a.data(), a.data() + a.size());
-}
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+std::vector<float> to_floats(const FloatArray& a) { return std::vector<float>(a.data(), a.data() + a.size()); }
 
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "chattts-ort C++ core: ONNX Runtime sessions with IO binding and the decode loop";
+  m.doc() = "chattts-ort C++ core: ONNX Runtime sessions with IO binding, the model and generation states";
   py::register_exception<Error>(m, "CoreError", PyExc_RuntimeError);
 
   m.def("init_runtime", &init_runtime, py::arg("library_path"),
@@ -96,100 +153,107 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("path", &Session::path)
       .def_property_readonly("inputs", [](const Session& s) { return describe(s.inputs()); })
       .def_property_readonly("outputs", [](const Session& s) { return describe(s.outputs()); })
+      .def_property_readonly("block_tag", &Session::block_tag)
       .def("run", &session_run, py::arg("inputs"), py::arg("outputs"),
            "Run with every input and output bound to the given arrays; outputs are written in place.");
 
-  py::class_<EngineSpec>(m, "EngineSpec")
+  py::class_<ModelSpec>(m, "ModelSpec", "What Model loads: the block files and the sizes of the config.")
       .def(py::init<>())
-      .def_readwrite("embed", &EngineSpec::embed)
-      .def_readwrite("head_code", &EngineSpec::head_code)
-      .def_readwrite("head_text", &EngineSpec::head_text)
-      .def_readwrite("sample", &EngineSpec::sample)
-      .def_readwrite("layers", &EngineSpec::layers)
-      .def_readwrite("hidden", &EngineSpec::hidden)
-      .def_readwrite("heads", &EngineSpec::heads)
-      .def_readwrite("head_dim", &EngineSpec::head_dim)
-      .def_readwrite("num_vq", &EngineSpec::num_vq)
-      .def_readwrite("vocab_code", &EngineSpec::vocab_code)
-      .def_readwrite("vocab_text", &EngineSpec::vocab_text)
-      .def_readwrite("max_context", &EngineSpec::max_context)
-      .def_readwrite("max_batch", &EngineSpec::max_batch)
-      .def_readwrite("device", &EngineSpec::device)
-      .def_readwrite("threads", &EngineSpec::threads)
-      .def_readwrite("layer_form", &EngineSpec::layer_form)
-      .def_readwrite("session_config", &EngineSpec::session_config)
-      .def_readwrite("kv_fp16", &EngineSpec::kv_fp16)
-      .def_readwrite("rope_theta", &EngineSpec::rope_theta);
+      .def_readwrite("embed", &ModelSpec::embed)
+      .def_readwrite("head_code", &ModelSpec::head_code)
+      .def_readwrite("head_text", &ModelSpec::head_text)
+      .def_readwrite("sample", &ModelSpec::sample)
+      .def_readwrite("layers", &ModelSpec::layers)
+      .def_readwrite("hidden", &ModelSpec::hidden)
+      .def_readwrite("heads", &ModelSpec::heads)
+      .def_readwrite("head_dim", &ModelSpec::head_dim)
+      .def_readwrite("num_vq", &ModelSpec::num_vq)
+      .def_readwrite("vocab_code", &ModelSpec::vocab_code)
+      .def_readwrite("vocab_text", &ModelSpec::vocab_text)
+      .def_readwrite("max_context", &ModelSpec::max_context)
+      .def_readwrite("device", &ModelSpec::device)
+      .def_readwrite("threads", &ModelSpec::threads)
+      .def_readwrite("layer_form", &ModelSpec::layer_form)
+      .def_readwrite("session_config", &ModelSpec::session_config)
+      .def_readwrite("kv_fp16", &ModelSpec::kv_fp16)
+      .def_readwrite("rope_theta", &ModelSpec::rope_theta);
 
-  py::class_<Engine>(m, "Engine", "The whole decode loop in C++ over the exported blocks.")
-      .def(py::init<const EngineSpec&>(), py::arg("spec"), py::call_guard<py::gil_scoped_release>())
-      .def("io", [](const Engine& e, const std::string& which, int layer) {
-             const Session& s = e.session(which, layer);
+  py::class_<Model, std::shared_ptr<Model>>(m, "Model", "The loaded blocks, read-only and shared by states.")
+      .def(py::init([](const ModelSpec& spec) {
+             return without_gil([&] { return std::make_shared<Model>(spec); });
+           }), py::arg("spec"))
+      .def("io", [](Model& md, const std::string& block) {
+             Session& s = md.block(block);
              return py::make_tuple(describe(s.inputs()), describe(s.outputs()));
-           }, py::arg("which"), py::arg("layer") = 0)
-      .def("start",
-           [](Engine& e, py::array_t<int64_t, py::array::c_style | py::array::forcecast> input_ids,
-              py::array_t<int64_t, py::array::c_style | py::array::forcecast> attention_mask,
-              py::array_t<float, py::array::c_style | py::array::forcecast> speaker, bool text_mode,
-              py::array_t<float, py::array::c_style | py::array::forcecast> temperature, float repetition_penalty,
-              float top_p, int64_t top_k, int64_t max_new_token, int64_t min_new_token, int64_t eos_id,
-              bool greedy, uint64_t seed, py::object noise) {
-             if (input_ids.ndim() != 3 || input_ids.shape(2) != 4) throw py::value_error("input_ids must be [B, T, 4]");
-             GenerationSpec g;
-             g.text_mode = text_mode;
-             g.batch = input_ids.shape(0);
-             g.prompt_len = input_ids.shape(1);
-             g.input_ids = to_vector(input_ids);
-             g.attention_mask = to_vector(attention_mask);
-             g.speaker = to_vector(speaker);
-             g.temperature = to_vector(temperature);
-             g.repetition_penalty = repetition_penalty;
-             g.top_p = top_p;
-             g.top_k = top_k;
-             g.max_new_token = max_new_token;
-             g.min_new_token = min_new_token;
-             g.eos_id = eos_id;
-             g.greedy = greedy;
-             g.seed = seed;
-             if (!noise.is_none()) {
-               auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(noise);
-               if (!a || a.ndim() != 3) throw py::value_error("noise must be a float32 array [steps, N, V]");
-               g.noise_steps = a.shape(0);
-               g.noise = to_vector<float>(a);
-             }
-             py::gil_scoped_release release;
-             e.start(std::move(g));
-           },
-           py::arg("input_ids"), py::arg("attention_mask"), py::arg("speaker"), py::arg("text_mode"),
-           py::arg("temperature"), py::arg("repetition_penalty"), py::arg("top_p"), py::arg("top_k"),
-           py::arg("max_new_token"), py::arg("min_new_token"), py::arg("eos_id"), py::arg("greedy"),
-           py::arg("seed"), py::arg("noise") = py::none())
-      .def("step",
-           [](Engine& e, bool return_hidden) {
-             StepResult r;
-             {
-               py::gil_scoped_release release;
-               r = e.step(return_hidden);
-             }
-             const int64_t frames = int64_t(r.rows.size());
-             const int64_t k = frames ? int64_t(r.ids.size()) / frames : 0;
-             py::array_t<int32_t> rows(frames, r.rows.data());
-             py::array_t<int64_t> ids(std::vector<int64_t>{frames, k});
-             std::copy(r.ids.begin(), r.ids.end(), ids.mutable_data());
-             py::object hidden = py::none();
-             if (return_hidden) {
-               const int64_t E = e.spec().hidden;
-               py::array_t<float> h(std::vector<int64_t>{frames, E});
-               std::copy(r.hidden.begin(), r.hidden.end(), h.mutable_data());
-               hidden = h;
-             }
-             return py::make_tuple(r.step, rows, ids, hidden, r.ended_rows, r.done, r.stop_reason);
-           },
-           py::arg("return_hidden") = false,
-           "Run one step (the first runs the prefill). Returns (step, rows, ids, hidden, ended_rows, done, reason).")
-      .def_property_readonly("active", &Engine::active)
-      .def("profile", &Engine::profile, py::arg("on"), "Time every block (for chattts_ort.Runtime.profile).")
-      .def("take_profile", &Engine::take_profile, "Summed ms per block since the last call, and the step count.")
-      .def("reset", &Engine::reset, "End the generation in progress (buffers are kept).")
-      .def("terminate", &Engine::terminate, "Cut a Run in flight (safe from another thread).");
+           }, py::arg("block"), "(inputs, outputs) of a block: lists of (name, dtype, shape).")
+      .def("kv_bytes_per_row", &Model::kv_bytes_per_row, py::arg("max_context"),
+           "KV cache bytes one batch row takes at this context (all layers, K and V).");
+
+  py::class_<GenerationSpec>(m, "GenerationSpec", "One generation's prompts and sampling settings.")
+      .def(py::init<>())
+      .def_readwrite("text_mode", &GenerationSpec::text_mode)
+      .def_readwrite("prompt_ids", &GenerationSpec::prompt_ids)
+      .def_readwrite("prompt_lens", &GenerationSpec::prompt_lens)
+      .def_readwrite("temperature", &GenerationSpec::temperature)
+      .def_readwrite("repetition_penalty", &GenerationSpec::repetition_penalty)
+      .def_readwrite("top_p", &GenerationSpec::top_p)
+      .def_readwrite("top_k", &GenerationSpec::top_k)
+      .def_readwrite("max_new_token", &GenerationSpec::max_new_token)
+      .def_readwrite("min_new_token", &GenerationSpec::min_new_token)
+      .def_readwrite("eos_id", &GenerationSpec::eos_id)
+      .def_readwrite("greedy", &GenerationSpec::greedy)
+      .def_readwrite("return_hidden", &GenerationSpec::return_hidden)
+      .def_readwrite("seed", &GenerationSpec::seed)
+      .def_property("speaker", [](const GenerationSpec& g) { return py::array_t<float>(g.speaker.size(), g.speaker.data()); },
+                    [](GenerationSpec& g, const FloatArray& a) { g.speaker = to_floats(a); },
+                    "[B * hidden] speaker values (empty: no speaker)")
+      .def_property("noise", [](const GenerationSpec& g) { return py::array_t<float>(g.noise.size(), g.noise.data()); },
+                    [](GenerationSpec& g, const FloatArray& a) {
+                      if (a.ndim() != 3) throw py::value_error("noise must be [steps, N, V]");
+                      g.noise_steps = a.shape(0);
+                      g.noise = to_floats(a);
+                    }, "[steps, N, V] Exp(1) draw noise (empty: the seeded generator)");
+
+  py::class_<StepResult>(m, "StepResult", "What one step produced (frames of rows still running).")
+      .def_readonly("step", &StepResult::step)
+      .def_readonly("done", &StepResult::done)
+      .def_readonly("stop_reason", &StepResult::stop_reason)
+      .def_readonly("ended_rows", &StepResult::ended_rows)
+      .def_property_readonly("rows", [](const StepResult& r) { return py::array_t<int32_t>(r.rows.size(), r.rows.data()); })
+      .def_property_readonly("ids", [](const StepResult& r) {
+        const int64_t frames = int64_t(r.rows.size());
+        py::array_t<int64_t> a(std::vector<int64_t>{frames, r.k});
+        std::copy(r.ids.begin(), r.ids.end(), a.mutable_data());
+        return a;
+      }, "int64 [frames, k]")
+      .def_property_readonly("hidden", [](const StepResult& r) -> py::object {
+        if (r.hidden.empty()) return py::none();
+        const int64_t frames = int64_t(r.rows.size());
+        py::array_t<float> a(std::vector<int64_t>{frames, int64_t(r.hidden.size()) / frames});
+        std::copy(r.hidden.begin(), r.hidden.end(), a.mutable_data());
+        return a;
+      }, "float32 [frames, hidden] when the spec asked for it, else None");
+
+  py::class_<State>(m, "State", "One generation at a time over a shared Model: KV cache, rows, counters.")
+      .def(py::init([](std::shared_ptr<Model> model, int64_t max_batch) {
+             return without_gil([&] { return std::make_unique<State>(std::move(model), max_batch); });
+           }), py::arg("model"), py::arg("max_batch") = 1)
+      .def("start", [](State& s, GenerationSpec g) { without_gil([&] { s.start(std::move(g)); return 0; }); },
+           py::arg("spec"))
+      .def("step", [](State& s) {
+             // A prefill can take seconds: it runs interruptibly. Decode steps run on this thread.
+             if (s.prefill_pending()) return interruptible(s, [&s] { return s.step(); });
+             return without_gil([&s] { return s.step(); });
+           }, "Run one step (the first runs the prefill).")
+      .def_property_readonly("active", &State::active)
+      .def_property_readonly("kv_rows", &State::kv_rows)
+      .def("profile", &State::profile, py::arg("on"), "Time every block (for chattts_ort.Runtime.profile).")
+      .def("take_profile", [](State& s) { return without_gil([&] { return s.take_profile(); }); },
+           "Summed ms per block since the last call, and the step count.")
+      .def("reset", [](State& s) { without_gil([&] { s.reset(); return 0; }); },
+           "End the generation in progress (buffers are kept).")
+      .def("close", &State::close, "End the generation for good (cuts a Run in flight); later calls raise.")
+      .def("release_memory", [](State& s) { without_gil([&] { s.release_memory(); return 0; }); },
+           "Free KV rows grown beyond the load-time batch.")
+      .def("terminate", &State::terminate, "Cut a Run in flight (safe from another thread).");
 }

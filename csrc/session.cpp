@@ -89,18 +89,21 @@ Session::Session(const std::string& path, const std::string& device, int threads
   try {
     Ort::SessionOptions so = make_session_options(device, threads, config);
     session_ = Ort::Session(env(threads), path.c_str(), so);
-    binding_ = Ort::IoBinding(session_);
     inputs_ = describe(session_, true);
     outputs_ = describe(session_, false);
+    Ort::AllocatorWithDefaultOptions alloc;
+    Ort::ModelMetadata meta = session_.GetModelMetadata();
+    Ort::AllocatedStringPtr tag = meta.LookupCustomMetadataMapAllocated("chattts_ort.block", alloc);
+    if (tag) block_tag_ = tag.get();
   } catch (const Ort::Exception& e) {
     throw Error("cannot load ONNX graph " + path + ": " + e.what());
   }
   release_freed_heap();
 }
 
-void Session::run(Ort::RunOptions& opts) {
+void Session::run(const Ort::RunOptions& opts, const Ort::IoBinding& binding) {
   try {
-    session_.Run(opts, binding_);
+    session_.Run(opts, binding);
   } catch (const Ort::Exception& e) {
     throw Error("running " + path_ + " failed: " + e.what());
   }

@@ -1,4 +1,5 @@
-// One ONNX graph in one Ort::Session, with IO binding into memory we own.
+// One ONNX graph in one Ort::Session. Read-only after load and shared by every generation state: each
+// state binds its own memory through its own Ort::IoBinding (Run is thread-safe in ONNX Runtime).
 #pragma once
 
 #include "ort_env.h"
@@ -31,18 +32,16 @@ class Session {
   const std::string& path() const { return path_; }
   const std::vector<TensorInfo>& inputs() const { return inputs_; }
   const std::vector<TensorInfo>& outputs() const { return outputs_; }
+  // The block name the exporter wrote into the graph's metadata ("" for graphs without one).
+  const std::string& block_tag() const { return block_tag_; }
 
-  // Bind by name (names are checked once, at load, against the manifest by the caller).
-  void bind_input(const std::string& name, const Ort::Value& v) { binding_.BindInput(name.c_str(), v); }
-  void bind_output(const std::string& name, const Ort::Value& v) { binding_.BindOutput(name.c_str(), v); }
-  // Runs the graph on the current bindings; outputs land in the bound memory. Throws Error naming the file.
-  void run(Ort::RunOptions& opts);
-  void clear() { binding_.ClearBoundInputs(); binding_.ClearBoundOutputs(); }
+  Ort::IoBinding make_binding() { return Ort::IoBinding(session_); }
+  // Runs the graph on `binding`; outputs land in the bound memory. Throws Error naming the file.
+  void run(const Ort::RunOptions& opts, const Ort::IoBinding& binding);
 
  private:
-  std::string path_;
+  std::string path_, block_tag_;
   Ort::Session session_{nullptr};
-  Ort::IoBinding binding_{nullptr};
   std::vector<TensorInfo> inputs_, outputs_;
 };
 

@@ -2,8 +2,12 @@
 plus the runtime's own extras (`greedy`, `return_hidden`)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Union
+
+import numpy as np
 
 
 @dataclass
@@ -21,25 +25,57 @@ class RefineTextParams:
     return_hidden: bool = False
 
     def validate(self, num_vq: int = 4) -> None:
+        """Raise ValueError naming the first bad field. Numbers may be Python or numpy scalars; the ranges
+        are checked on the float32 values the engine uses, and they keep every step's arithmetic finite
+        (see RANGES)."""
         temps = self.temperature if isinstance(self.temperature, (list, tuple)) else [self.temperature]
         if isinstance(self.temperature, (list, tuple)) and len(temps) != num_vq:
             raise ValueError(f"temperature list must have {num_vq} values (one per codebook), got {len(temps)}")
         for t in temps:
-            if not isinstance(t, (int, float)) or not t > 0 or t != t or t == float("inf"):
-                raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
-        if not isinstance(self.top_P, (int, float)) or not (0 < self.top_P <= 1):
-            raise ValueError(f"top_P must be in (0, 1], got {self.top_P!r}")
-        if not isinstance(self.top_K, int) or self.top_K < 1:
-            raise ValueError(f"top_K must be an integer >= 1, got {self.top_K!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0 \
-                or self.repetition_penalty == float("inf"):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if not isinstance(self.max_new_token, int) or self.max_new_token < 1:
-            raise ValueError(f"max_new_token must be an integer >= 1, got {self.max_new_token!r}")
-        if not isinstance(self.min_new_token, int) or self.min_new_token < 0:
-            raise ValueError(f"min_new_token must be an integer >= 0, got {self.min_new_token!r}")
-        if self.manual_seed is not None and (not isinstance(self.manual_seed, int) or self.manual_seed < 0):
-            raise ValueError(f"manual_seed must be None or an integer >= 0, got {self.manual_seed!r}")
+            _check_real("temperature", t)
+        _check_real("top_P", self.top_P)
+        _check_int("top_K", self.top_K)
+        _check_real("repetition_penalty", self.repetition_penalty)
+        _check_int("max_new_token", self.max_new_token)
+        _check_int("min_new_token", self.min_new_token)
+        if int(self.min_new_token) > int(self.max_new_token):
+            raise ValueError(f"min_new_token ({self.min_new_token}) must not exceed max_new_token "
+                             f"({self.max_new_token})")
+        if self.manual_seed is not None:
+            _check_int("manual_seed", self.manual_seed)
+        if not isinstance(self.greedy, (bool, np.bool_)):
+            raise ValueError(f"greedy must be True or False, got {self.greedy!r}")
+
+
+# field -> (lowest, highest), inclusive, on the value as the engine holds it (float32 / int64). With
+# |logits| < 1e3, temperature >= 1e-4 and penalty^16 within [1e-16, 1e16] keep the sample head finite; the
+# engine checks the logits and hidden states themselves every step.
+RANGES = {
+    "temperature": (1e-4, 1e4),
+    "top_P": (1e-6, 1.0),
+    "repetition_penalty": (0.1, 10.0),
+    "top_K": (1, 2**31 - 1),
+    "max_new_token": (1, 2**31 - 1),
+    "min_new_token": (0, 2**31 - 1),
+    "manual_seed": (0, 2**64 - 1),
+}
+
+
+def _check_real(name: str, v) -> None:
+    lo, hi = RANGES[name]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    f = float(np.float32(v))
+    if not (math.isfinite(f) and lo <= f <= hi):
+        raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}] (as float32), got {v!r}")
+
+
+def _check_int(name: str, v) -> None:
+    lo, hi = RANGES[name]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    if not lo <= int(v) <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
 
 
 @dataclass
@@ -55,12 +91,17 @@ class InferCodeParams(RefineTextParams):
 _TAGS = ("[Stts]", "[spk_emb]", "[empty_spk]")
 
 
+def strip_tags(text: str) -> str:
+    """The user's text as ChatTTS puts it into the code prompt: its own template tags removed, then stripped."""
+    for tag in _TAGS:
+        text = text.replace(tag, "")
+    return text.strip()
+
+
 def build_prompt_code(text: str, has_speaker: bool, txt_smp: Optional[str], prompt: str) -> str:
     """ChatTTS's code prompt: "[Stts][spk_emb]{txt_smp}{prompt}{text}[Ptts]" ([empty_spk] without a speaker);
     the tags ChatTTS strips from the text are stripped here too, then the text is stripped of spaces."""
-    for tag in _TAGS:
-        text = text.replace(tag, "")
-    text = text.strip()
+    text = strip_tags(text)
     if prompt:
         text = prompt + text
     spk = "[spk_emb]" if has_speaker else "[empty_spk]"

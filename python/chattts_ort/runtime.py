@@ -1,13 +1,17 @@
 """The user-facing runtime: `Runtime.load(folder)` then `for frame in rt.stream(text): ...`.
 
-Python builds the prompt and checks the input; the C++ core (`chattts_ort._core.Engine`) runs prefill and
-every decode step — embedding, the layer chain with its in-place KV cache, the head and the sample head —
-with the GIL released. One Python call per step, none per layer.
+Python builds the prompt and checks the input; the C++ core runs prefill and every decode step — embedding,
+the layer chain with its in-place KV cache, the head and the sample head — with the GIL released: a
+`_core.Model` (the loaded blocks, shared) and a `_core.State` (one generation's KV cache and counters). One
+Python call per step, none per layer.
 """
 from __future__ import annotations
 
+import atexit
+import numbers
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -16,9 +20,9 @@ import numpy as np
 
 from ._native import core
 from .batching import left_pad
-from .errors import ExportError
+from .errors import ExportError, GenerationError
 from .format import block_io, graph_path, iter_graphs, open_export
-from .params import InferCodeParams, RefineTextParams, build_prompt_code, build_prompt_refine
+from .params import InferCodeParams, RefineTextParams, build_prompt_code, build_prompt_refine, strip_tags
 
 SpeakerLike = Union[None, str, np.ndarray, Sequence[float]]
 
@@ -43,12 +47,56 @@ class Generation:
     steps: int = 0
 
 
-class Runtime:
-    """A loaded export folder, ready to generate. Not for concurrent use from several threads: load one
-    Runtime per thread (they share ONNX Runtime's thread pool)."""
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
-    def __init__(self, folder: Path, manifest: dict, engine, tokenizer, device: str, threads: int,
-                 max_context: int):
+
+def max_threads() -> int:
+    """More intra-op threads than cores only spin against each other: the cap is 4x the usable CPUs."""
+    return 4 * available_cpus()
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_int(name: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= int(v) <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
+# Runtimes that may have a generation in flight, so the interpreter can stop them before it exits.
+_LIVE: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """A daemon thread may still be streaming when the interpreter exits: end every live generation (a Run in
+    flight is cut) and wait briefly for those steps to return, so no thread is inside the core while Python
+    finalises."""
+    for rt in list(_LIVE):
+        rt.close(timeout=5.0)
+
+
+class Runtime:
+    """A loaded export folder, ready to generate. One generation at a time per Runtime (a second concurrent
+    one raises); load one Runtime per thread for concurrent work. `close()` (or `with Runtime.load(...) as rt`)
+    ends a live stream with GenerationError in its consumer and frees the model."""
+
+    def __init__(self, folder: Path, manifest: dict, model, state, tokenizer, device: str, threads: int,
+                 max_context: int, max_batch: int):
         self.folder = folder
         self.manifest = manifest
         self.config = manifest["config"]
@@ -56,9 +104,15 @@ class Runtime:
         self.device = device
         self.threads = threads
         self.max_context = max_context
-        self._engine = engine
+        self.max_batch = max_batch
+        self.last_stop_reason = ""
+        self._model = model
+        self._state = state
         self._tokenizer = tokenizer
-        self._busy = threading.Lock()
+        self._busy = threading.Lock()      # held by the one live generation
+        self._stepping = threading.Lock()  # held while a step runs in the core
+        self._closed = False
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
@@ -67,28 +121,34 @@ class Runtime:
              session_config: Optional[dict] = None) -> "Runtime":
         """Load an export folder written by `chattts-ort export`.
 
-        device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: all cores;
-        fixed by the first Runtime of the process). max_context: KV positions per row allocated up front
-        (default min(2048, max_position_embeddings)). max_batch: rows the KV cache is allocated for at load;
-        a larger batch later grows it once. verify: check every graph's sha256 against the manifest.
+        device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: the usable
+        cores; at most 4x them; fixed by the first Runtime of the process). max_context: KV positions per row
+        allocated up front (default min(2048, max_position_embeddings); at most max_position_embeddings).
+        max_batch: rows the KV cache is allocated for at load; a larger batch later grows it (see
+        release_memory). verify: check every graph's sha256 against the manifest.
         session_config: extra ONNX Runtime session config entries for every block (expert use), e.g.
         {"session.disable_prepacking": "1"}.
         """
         folder = Path(export_dir)
         manifest = open_export(folder, hashes=verify)
         cfg = manifest["config"]
-        entries = list(iter_graphs(manifest))
         if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-        threads = int(threads) if threads else (os.cpu_count() or 1)
-        if threads < 1:
-            raise ValueError("threads must be >= 1")
+        cap = max_threads()
+        if threads is None:
+            threads = available_cpus()
+        elif isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= cap:
+            raise ValueError(f"threads must be an integer in [1, {cap}] (4x the {available_cpus()} CPUs this "
+                             f"process may use; more threads than cores only spin), got {threads!r}")
+        threads = int(threads)
+        positions = int(cfg["max_position_embeddings"])
         if max_context is None:
-            max_context = min(2048, int(cfg.get("max_position_embeddings", 2048)))
-        if max_context < 2:
-            raise ValueError("max_context must be >= 2")
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+            max_context = min(2048, positions)
+        max_context = _check_int("max_context", max_context, 2, positions)
+        max_batch = _check_int("max_batch", max_batch, 1, 4096)
+        if session_config is not None and not (isinstance(session_config, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in session_config.items())):
+            raise ValueError("session_config must map strings to strings")
 
         c = core()
         if device.startswith("cuda") and "CUDAExecutionProvider" not in c.available_providers():
@@ -96,7 +156,7 @@ class Runtime:
                                f"({c.runtime_version()}, providers {list(c.available_providers())}); "
                                "install onnxruntime-gpu on a machine with an NVIDIA GPU")
         g = manifest["graphs"]
-        spec = c.EngineSpec()
+        spec = c.ModelSpec()
         spec.embed = str(graph_path(folder, g["embed"]))
         spec.layers = [str(graph_path(folder, e)) for e in g["layers"]]
         spec.head_code = str(graph_path(folder, g["head_code"]))
@@ -108,47 +168,78 @@ class Runtime:
         spec.num_vq = cfg["num_vq"]
         spec.vocab_code = cfg["num_audio_tokens"]
         spec.vocab_text = cfg["num_text_tokens"]
-        spec.max_context = int(max_context)
-        spec.max_batch = int(max_batch)
+        spec.max_context = max_context
         spec.device = device
         spec.threads = threads
         spec.layer_form = manifest.get("layer_form", "portable")
-        spec.rope_theta = float(cfg.get("rope_theta", 10000.0))
+        spec.rope_theta = float(cfg["rope_theta"])
         spec.kv_fp16 = manifest.get("kv_dtype", "fp32") == "fp16"
-        spec.session_config = [(str(k), str(v)) for k, v in (session_config or {}).items()]
+        spec.session_config = list((session_config or {}).items())
         try:
-            engine = c.Engine(spec)
+            model = c.Model(spec)
         except RuntimeError as e:
             raise ExportError(str(e)) from e
-        # The graphs must have the IO names the manifest declares, and those the engine binds.
-        form = manifest.get("layer_form", "portable")
-        for name, e in entries:
-            which, layer = ("layer", int(name[6:])) if name.startswith("layer_") else (name, 0)
-            ins, outs = engine.io(which, layer)
+        # The graphs must have the IO names the manifest declares (the core checked those it binds).
+        for name, e in iter_graphs(manifest):
+            ins, outs = model.io(name)
             got = ([i[0] for i in ins], [o[0] for o in outs])
             want = ([i["name"] for i in e["inputs"]], [o["name"] for o in e["outputs"]])
             if got != want:
                 raise ExportError(f"{folder / e['file']}: graph IO {got} does not match the manifest {want}")
-            need_in, need_out = block_io(name, form)
-            for side, names, needed in (("input", got[0], need_in), ("output", got[1], need_out)):
-                missing = [n for n in needed if n not in names]
-                if missing:
-                    raise ExportError(f"{folder / e['file']}: block {name} ({form} form) has no {side} "
-                                      f"{missing[0]!r}; the graph is not a {form} {name.split('_')[0]} block")
+        _check_kv_memory(model, max_batch, max_context)
+        state = c.State(model, max_batch)
         from .tokenizer import Tokenizer
 
-        tok_path = folder / manifest.get("tokenizer", "tokenizer.json")
-        return cls(folder, manifest, engine, Tokenizer(tok_path), device, threads, int(max_context))
+        tok = Tokenizer(folder / manifest.get("tokenizer", "tokenizer.json"))
+        return cls(folder, manifest, model, state, tok, device, threads, max_context, max_batch)
 
     # ------------------------------------------------------------------------------------------------------
+    def close(self, timeout: Optional[float] = None) -> None:
+        """End a live generation (its consumer gets GenerationError at its next frame) and let the model go.
+        Waits up to `timeout` seconds (None: until it returns) for a step running in another thread. The
+        memory is freed when the last live stream has ended. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._state.close()  # cuts a Run in flight; later steps raise
+        if self._stepping.acquire(timeout=-1 if timeout is None else timeout):
+            self._stepping.release()
+        self._state = self._model = None
+        _LIVE.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise GenerationError("this Runtime is closed")
+
+    def release_memory(self) -> None:
+        """Free the KV rows a batch larger than max_batch grew (they are otherwise kept for the next one)."""
+        self._require_open()
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("release_memory: a generation is in progress")
+        try:
+            self._state.release_memory()
+        finally:
+            self._busy.release()
+
     def profile(self, enable: Optional[bool] = None) -> dict:
         """Per-block time of the C++ loop. `profile(True)` starts timing (the cost is a clock read per block);
         `profile()` returns {block: mean ms per step} over the steps since the last call and resets the sums."""
+        self._require_open()
         if enable is not None:
-            self._engine.profile(bool(enable))
-            self._engine.take_profile()
+            self._state.profile(bool(enable))
+            self._state.take_profile()
             return {}
-        raw = dict(self._engine.take_profile())
+        raw = dict(self._state.take_profile())
         n = raw.pop("steps", 0)
         return {k: (v / n if n else 0.0) for k, v in raw.items()} | {"steps": int(n)}
 
@@ -161,7 +252,7 @@ class Runtime:
 
     def _speakers(self, speaker: SpeakerLike, B: int) -> Optional[np.ndarray]:
         """[B, E] float32 of fp16 values, or None."""
-        from .speaker import decode_spk_emb
+        from .speaker import check_speaker_fp16, decode_spk_emb
 
         if speaker is None:
             return None
@@ -169,13 +260,17 @@ class Runtime:
         if isinstance(speaker, str):
             vec = decode_spk_emb(speaker, dim=E).astype(np.float32)
         else:
-            vec = np.asarray(speaker, dtype=np.float32)
+            try:
+                vec = np.asarray(speaker, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"speaker must be a spk_emb string or {E} numbers: {e}") from None
         if vec.ndim == 1:
             vec = np.broadcast_to(vec, (B, vec.shape[0]))
         if vec.shape != (B, E):
             raise ValueError(f"speaker must have {E} values (or [{B}, {E}] for a batch), got shape {vec.shape}")
         if not np.isfinite(vec).all():
             raise ValueError("speaker has non-finite values")
+        check_speaker_fp16(vec)
         return np.ascontiguousarray(vec.astype(np.float16).astype(np.float32))
 
     def _texts(self, text) -> list:
@@ -184,24 +279,31 @@ class Runtime:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no text given")
+        if len(texts) > 4096:
+            raise ValueError(f"a batch of {len(texts)} texts; at most 4096")
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"text must be a str or a list of str, got {type(t).__name__}")
             if not t.strip():
                 raise ValueError("text is empty")
+            if not self._tokenizer.encode(strip_tags(t)):
+                raise ValueError(f"text {t[:40]!r} is empty after normalisation (nothing the tokenizer reads)")
         return texts
 
     def _run(self, prompts: list, *, text_mode: bool, temperature, params, speaker: Optional[np.ndarray],
              noise, return_hidden: bool) -> Iterator[Frame]:
+        self._require_open()
         B = len(prompts)
         T = max(len(p) for p in prompts)
         if T >= self.max_context:
             raise ValueError(f"prompt has {T} tokens; it must be shorter than max_context={self.max_context} "
                              "(pass a larger max_context to Runtime.load)")
-        ids, mask = left_pad(prompts)
+        if B > self._state.kv_rows:
+            _check_kv_memory(self._model, B, self.max_context, have_rows=self._state.kv_rows)
         k = 1 if text_mode else self.config["num_vq"]
         V = self.config["num_text_tokens"] if text_mode else self.config["num_audio_tokens"]
         eos = self.special.get("Ebreak", 21136) if text_mode else V - 1
+        g = core().GenerationSpec()
         if noise is not None:
             noise = np.ascontiguousarray(noise, dtype=np.float32)
             if noise.ndim != 3 or noise.shape[1:] != (B * k, V):
@@ -210,27 +312,50 @@ class Runtime:
                 raise ValueError(f"noise covers {noise.shape[0]} steps but max_new_token={params.max_new_token}")
             if not np.isfinite(noise).all() or (noise <= 0).any():
                 raise ValueError("noise must be positive and finite (Exp(1) samples)")
-        spk = speaker if speaker is not None else np.zeros((B, self.config["hidden_size"]), np.float32)
-        seed = params.manual_seed if params.manual_seed is not None else int.from_bytes(os.urandom(8), "little")
+            g.noise = noise
+        g.text_mode = text_mode
+        g.prompt_ids = [int(i) for p in prompts for i in p]
+        g.prompt_lens = [len(p) for p in prompts]
+        if speaker is not None:
+            g.speaker = speaker.reshape(-1)
+        g.temperature = [float(t) for t in temperature]
+        g.repetition_penalty = float(params.repetition_penalty)
+        g.top_p = float(params.top_P)
+        g.top_k = int(params.top_K)
+        g.max_new_token = int(params.max_new_token)
+        g.min_new_token = int(params.min_new_token)
+        g.eos_id = int(eos)
+        g.greedy = bool(params.greedy)
+        g.return_hidden = bool(return_hidden)
+        g.seed = int(params.manual_seed) if params.manual_seed is not None else int.from_bytes(os.urandom(8), "little")
+        return self._frames(g, text_mode)
+
+    def _frames(self, g, text_mode: bool) -> Iterator[Frame]:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this Runtime is already generating (finish or close that stream first, "
                                "or load a second Runtime for concurrent work)")
+        state = self._state
         try:
-            self._engine.start(ids, mask, spk, text_mode, np.asarray(temperature, np.float32),
-                               float(params.repetition_penalty), float(params.top_P), int(params.top_K),
-                               int(params.max_new_token), int(params.min_new_token), int(eos),
-                               bool(params.greedy), int(seed) & (2**64 - 1), noise)
+            self._require_open()
+            state.start(g)
             self.last_stop_reason = ""
             while True:
-                step, rows, codes, hidden, _ended, done, reason = self._engine.step(return_hidden)
-                for j in range(len(rows)):
-                    yield Frame(step=int(step), codes=codes[j] if not text_mode else codes[j, 0].copy(),
-                                row=int(rows[j]), hidden=None if hidden is None else hidden[j])
-                if done:
-                    self.last_stop_reason = reason
+                try:
+                    with self._stepping:
+                        r = state.step()
+                except RuntimeError as e:
+                    if self._closed:
+                        raise GenerationError("this Runtime was closed while generating") from None
+                    raise GenerationError(str(e)) from e
+                ids, hidden = r.ids, r.hidden
+                for j, row in enumerate(r.rows.tolist()):
+                    yield Frame(step=r.step, codes=ids[j] if not text_mode else ids[j, 0].copy(), row=row,
+                                hidden=None if hidden is None else hidden[j])
+                if r.done:
+                    self.last_stop_reason = r.stop_reason
                     break
         finally:
-            self._engine.reset()
+            state.reset()
             self._busy.release()
 
     # ------------------------------------------------------------------------------------------------------
@@ -258,12 +383,13 @@ class Runtime:
         as they are (no template is applied)."""
         params = params or InferCodeParams()
         params.validate()
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        if not isinstance(prompts, (list, tuple)) or not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
         V = self.config["num_text_tokens"]
         for p in prompts:
-            if min(p) < 0 or max(p) >= V:
-                raise ValueError(f"token ids must be in [0, {V})")
+            a = np.asarray(p)
+            if a.ndim != 1 or a.dtype.kind not in "iu" or a.min() < 0 or a.max() >= V:
+                raise ValueError(f"token ids must be integers in [0, {V})")
         spk = self._speakers(speaker if speaker is not None else params.spk_emb, len(prompts))
         temps = params.temperature if isinstance(params.temperature, (list, tuple)) else [params.temperature] * self.config["num_vq"]
         return self._run([list(map(int, p)) for p in prompts], text_mode=False, temperature=temps, params=params,
@@ -304,3 +430,12 @@ class Runtime:
             gen.codes.append(np.asarray(codes[b], np.int64) if codes[b] else np.zeros(shape, np.int64))
             gen.hidden.append(np.asarray(hidden[b], np.float32) if with_hidden and hidden[b] else None)
         return gen
+
+
+def _check_kv_memory(model, rows: int, max_context: int, have_rows: int = 0) -> None:
+    """Refuse a KV cache that cannot fit in the memory available now, before allocating any of it."""
+    need = model.kv_bytes_per_row(max_context) * (rows - have_rows)
+    avail = available_memory()
+    if avail is not None and need > 0.9 * avail:
+        raise ValueError(f"{rows} rows x {max_context} positions need {need / 1e9:.2f} GB more of KV cache, but "
+                         f"only {avail / 1e9:.2f} GB of memory is available: use a smaller batch or max_context")

@@ -59,20 +59,46 @@ def encode_spk_emb(values) -> str:
     return b14_encode(lzma.compress(arr.tobytes(), format=lzma.FORMAT_RAW, filters=_FILTERS))
 
 
+# A real spk_emb string of 768 fp16 values is ~800 characters; anything far longer is not one.
+MAX_SPK_EMB_CHARS = 16384
+
+
 def decode_spk_emb(s: str, dim: int = 768) -> np.ndarray:
-    """fp16 [dim] values of a spk_emb string; ValueError if it is corrupt or of the wrong size."""
+    """fp16 [dim] values of a spk_emb string; ValueError if it is corrupt or of the wrong size.
+
+    Decompression stops after dim values plus one byte, so a small string that expands to gigabytes (an LZMA
+    bomb) is rejected after reading only that much."""
     if not isinstance(s, str) or not s:
         raise ValueError("spk_emb must be a non-empty string")
+    if len(s) > MAX_SPK_EMB_CHARS:
+        raise ValueError(f"spk_emb has {len(s)} characters; a speaker of {dim} values has about {dim + dim // 20}")
+    want = 2 * dim
     try:
-        raw = lzma.decompress(b14_decode(s), format=lzma.FORMAT_RAW, filters=_FILTERS)
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_FILTERS)
+        raw = d.decompress(b14_decode(s), max_length=want + 1)
     except (lzma.LZMAError, ValueError) as e:
         raise ValueError(f"corrupt spk_emb string: {e}") from e
-    if len(raw) != 2 * dim:
-        raise ValueError(f"spk_emb holds {len(raw) // 2} values, expected {dim}")
+    if len(raw) != want:
+        more = " or more" if len(raw) > want else ""
+        raise ValueError(f"spk_emb holds {len(raw) // 2}{more} values, expected {dim}")
     arr = np.frombuffer(raw, dtype=np.float16).copy()
     if not np.isfinite(arr).all():
         raise ValueError("spk_emb has non-finite values")
     return arr
+
+
+def check_speaker_fp16(values: np.ndarray) -> None:
+    """ChatTTS normalises a speaker in fp16 (x16 / fp16(||x16||)): a norm that overflows fp16 (or is zero)
+    silently gives a zero speaker there. Refuse such values with the reason."""
+    x16 = np.asarray(values, np.float16)
+    if not np.isfinite(x16).all():
+        raise ValueError("speaker has values that are not finite in fp16 (|x| > 65504)")
+    norms = np.sqrt((x16.astype(np.float32) ** 2).sum(-1))
+    if (norms.astype(np.float16) == np.inf).any():
+        raise ValueError(f"speaker's norm ({float(norms.max()):.4g}) overflows fp16, where ChatTTS normalises it; "
+                         "scale the speaker down")
+    if (norms == 0).any():
+        raise ValueError("speaker is all zeros")
 
 
 # ChatTTS's spk_stat (per-dimension std and mean of its speakers, shipped in its config) has stds of 1.6 to
