@@ -174,20 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_demo)
 
-    s = sub.add_parser("bench", help="run bench/run.py (from a source clone)")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=_cmd_bench)
+    s = sub.add_parser("bench", help="run bench/run.py (from a source clone); its options follow, e.g. --quick")
+    s.set_defaults(fn=_cmd_bench, rest=[])
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `bench` belongs to bench/run.py (argparse's REMAINDER refuses a first "-" argument).
+    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv[1:2]):
+        args = parser.parse_args(["bench"])
+        args.rest = argv[1:]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.fn(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, RuntimeError) as e:
         print(f"chattts-ort {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

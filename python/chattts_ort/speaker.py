@@ -90,11 +90,14 @@ def decode_spk_emb(s: str, dim: int = 768) -> np.ndarray:
 def check_speaker_fp16(values: np.ndarray) -> None:
     """ChatTTS normalises a speaker in fp16 (x16 / fp16(||x16||)): a norm that overflows fp16 (or is zero)
     silently gives a zero speaker there. Refuse such values with the reason."""
-    x16 = np.asarray(values, np.float16)
+    with np.errstate(over="ignore"):
+        x16 = np.asarray(values, np.float16)
     if not np.isfinite(x16).all():
         raise ValueError("speaker has values that are not finite in fp16 (|x| > 65504)")
     norms = np.sqrt((x16.astype(np.float32) ** 2).sum(-1))
-    if (norms.astype(np.float16) == np.inf).any():
+    with np.errstate(over="ignore"):
+        overflow = bool((norms.astype(np.float16) == np.inf).any())
+    if overflow:
         raise ValueError(f"speaker's norm ({float(norms.max()):.4g}) overflows fp16, where ChatTTS normalises it; "
                          "scale the speaker down")
     if (norms == 0).any():
