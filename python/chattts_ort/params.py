@@ -65,7 +65,11 @@ def _check_real(name: str, v) -> None:
     lo, hi = RANGES[name]
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
-    f = float(np.float32(v))
+    try:
+        with np.errstate(over="ignore"):
+            f = float(np.float32(v))
+    except OverflowError:  # an int beyond any float
+        f = math.inf
     if not (math.isfinite(f) and lo <= f <= hi):
         raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}] (as float32), got {v!r}")
 
