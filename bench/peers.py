@@ -37,7 +37,7 @@ now = time.perf_counter
 
 
 def _gpt(model_kind: str):
-    from chattts_ort.defaults import resolve_source
+    from chattts_ort.export.sources import resolve_source
 
     return resolve_source("random" if model_kind == "full" else "random-tiny")
 
@@ -110,7 +110,7 @@ class _StampedSession:
 
 class OrtPython:
     def __init__(self, export_dir, threads):
-        from chattts_ort.ortloop import OrtLoop
+        from chattts_ort.checks.ortloop import OrtLoop
 
         self.loop = OrtLoop(export_dir, threads=threads)
         self.stamps = []
@@ -132,7 +132,7 @@ class TorchEager:
         import torch
         from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-        from chattts_ort.reference import llama_from
+        from chattts_ort.checks.reference import llama_from
 
         torch.set_num_threads(threads)
         self.gpt, self.cfg, _ = _gpt(model_kind)
@@ -144,7 +144,7 @@ class TorchEager:
         import torch.nn.functional as F
         from transformers.cache_utils import DynamicCache
 
-        from chattts_ort.reference import repetition_penalty
+        from chattts_ort.checks.reference import repetition_penalty
 
         gpt, cfg = self.gpt, self.cfg
         g = torch.Generator().manual_seed(0)
@@ -203,7 +203,7 @@ class ChatTTS025:
 
         import torch
 
-        from chattts_ort.defaults import random_asset_folder
+        from chattts_ort.export.sources import random_asset_folder
 
         logging.disable(logging.WARNING)
         torch.set_num_threads(threads)
@@ -253,7 +253,7 @@ def save_llama_for_causal_lm(model_kind: str, out_dir: Path) -> Path:
     """The same random weights as a transformers LlamaForCausalLM (vocab = one code book of 626)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chattts_ort.assets import to_transformers_llama_state_dict
+    from chattts_ort.export.assets import to_transformers_llama_state_dict
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():

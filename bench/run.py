@@ -137,7 +137,8 @@ def prepare(model: str, systems, precisions, log):
     """Export/quantize/build what each (system, precision) needs.
     Returns ({(system, precision): path}, {(system, precision): reason it cannot run})."""
     import peers
-    from chattts_ort.defaults import cache_dir, default_export
+    from chattts_ort.defaults import cache_dir
+    from chattts_ort.export.exporter import default_export
 
     targets, unavailable = {}, {}
     export = default_export(model, progress=False)
@@ -146,7 +147,7 @@ def prepare(model: str, systems, precisions, log):
         path = export
         if prec != "fp32" and "chattts-ort" in systems:
             try:
-                from chattts_ort.quantize import quantize_export
+                from chattts_ort.export.quantize import quantize_export
 
                 path = cache_dir() / "exports" / f"{export.name}-{prec}"
                 if not (path / "manifest.json").is_file():

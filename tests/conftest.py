@@ -23,14 +23,14 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture(scope="session", params=["fused", "portable"])
 def tiny_export(request, _private_cache):
     """The tiny random model exported in each layer form (every test using it runs for both)."""
-    from chattts_ort.defaults import default_export
+    from chattts_ort.export.exporter import default_export
 
     return default_export("tiny", layer_form=request.param)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(_private_cache):
-    from chattts_ort.defaults import resolve_source
+    from chattts_ort.export.sources import resolve_source
 
     gpt, cfg, tok = resolve_source("random-tiny")
     return gpt, cfg, tok

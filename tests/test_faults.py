@@ -44,7 +44,7 @@ def _rewrite(folder: Path, edit) -> None:
 
 
 def _entry(folder: Path, file: str) -> dict:
-    from chattts_ort.export import graph_entry
+    from chattts_ort.format import graph_entry
 
     return graph_entry(folder, file)
 
@@ -234,7 +234,7 @@ def test_symlink_out_of_the_folder_refused(tiny_export, tmp_path):
 
 def test_a_block_of_the_other_layer_form_is_named(tiny_export, tmp_path):
     """A portable layer in a fused slot (or the reverse) fails at load, naming the block and the input."""
-    from chattts_ort.defaults import default_export
+    from chattts_ort.export.exporter import default_export
 
     form = json.loads((tiny_export / MANIFEST).read_text())["layer_form"]
     other = default_export("tiny", layer_form="portable" if form == "fused" else "fused")
@@ -288,8 +288,8 @@ def test_batch_growth_is_released_and_refused_when_it_cannot_fit(tiny_export, mo
 _PREFILL = r"""
 import sys, time
 from chattts_ort import Runtime, InferCodeParams
-rt = Runtime.load(sys.argv[1], threads=1, max_context=1024, max_batch=48)
-prompts = [[21131, 21144] + [1000 + (i * 7 + j) % 9000 for j in range(900)] + [21132] for i in range(48)]
+rt = Runtime.load(sys.argv[1], threads=1, max_context=1024, max_batch=32)
+prompts = [[21131, 21144] + [1000 + (i * 7 + j) % 9000 for j in range(1000)] + [21132] for i in range(32)]
 print("prefill", flush=True)
 t0 = time.perf_counter()
 try:
@@ -297,26 +297,42 @@ try:
         pass
     print(f"finished {time.perf_counter() - t0:.2f}", flush=True)
 except KeyboardInterrupt:
-    print(f"interrupted {time.perf_counter() - t0:.2f}", flush=True)
+    print(f"interrupted {time.time():.3f}", flush=True)
     rt.generate("hello", params=InferCodeParams(max_new_token=2))  # the runtime is usable again
     print("usable", flush=True)
 """
 
 
-def test_ctrl_c_during_a_long_prefill_lands_at_once(tiny_export):
-    p = subprocess.Popen([sys.executable, "-c", _PREFILL, str(tiny_export)], stdout=subprocess.PIPE,
+@pytest.fixture(scope="module")
+def deep_export(tmp_path_factory):
+    """A tiny-width model with 16 layers (the prefill is many short graph nodes, as in the real model)."""
+    from chattts_ort.config import GPTConfig
+    from chattts_ort.export.assets import write_random_asset_folder
+    from chattts_ort.export.exporter import export_model
+
+    root = tmp_path_factory.mktemp("deep")
+    cfg = GPTConfig(hidden_size=64, num_layers=16, num_heads=4, intermediate_size=128, max_position_embeddings=1024)
+    write_random_asset_folder(root / "asset", cfg=cfg, seed=0)
+    return export_model(root / "asset", root / "export", progress=False).out_dir
+
+
+def test_ctrl_c_during_a_long_prefill_lands_at_once(deep_export):
+    p = subprocess.Popen([sys.executable, "-c", _PREFILL, str(deep_export)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "prefill"
     time.sleep(1.0)
-    t0 = time.perf_counter()
+    sent = time.time()
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    landed = time.perf_counter() - t0
+    out, err = p.communicate(timeout=120)
     if out.startswith("finished"):
         pytest.skip(f"the prefill finished before the signal ({out.strip()}); nothing to interrupt")
     assert out.startswith("interrupted"), (out, err[-1500:])
     assert "usable" in out
-    assert landed < 1.5, f"KeyboardInterrupt took {landed:.2f} s to land"
+    landed = float(out.split()[1]) - sent
+    print(f"KeyboardInterrupt landed {landed:.3f} s after the signal")
+    # The Run in flight is cut between two graph nodes, so one node bounds the wait (here the attention of
+    # one layer over 32 x 1000 tokens); uninterrupted, this prefill takes several seconds.
+    assert landed < 0.5, f"KeyboardInterrupt took {landed:.2f} s to land"
 
 
 # ---------------------------------------------------------------------------------------------------------

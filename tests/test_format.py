@@ -177,8 +177,8 @@ def test_open_export_checks_sizes_and_hashes(tiny_export, tmp_path):
 
 
 def test_quantize_and_verify_refuse_a_tampered_export(tiny_export, tmp_path):
-    from chattts_ort.quantize import quantize_export
-    from chattts_ort.verify import verify_export
+    from chattts_ort.export.quantize import quantize_export
+    from chattts_ort.checks.verify import verify_export
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_export, bad)
@@ -196,7 +196,7 @@ def test_quantize_and_verify_refuse_a_tampered_export(tiny_export, tmp_path):
 
 
 def test_quantize_force_refuses_a_foreign_folder(tiny_export, tmp_path):
-    from chattts_ort.quantize import quantize_export
+    from chattts_ort.export.quantize import quantize_export
 
     other = tmp_path / "notes"
     _sentinel_tree(other)

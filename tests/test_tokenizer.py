@@ -3,7 +3,7 @@ import pytest
 
 from chattts_ort.config import ADDED_TOKENS
 from chattts_ort.params import build_prompt_code, build_prompt_refine
-from chattts_ort.tokenizer import Tokenizer, make_generated_tokenizer
+from chattts_ort.tokenizer import Tokenizer
 
 SENTENCES = [
     "四川美食确实以辣闻名，但也有不辣的选择。",
@@ -40,22 +40,6 @@ def test_added_token_table_matches_real_file(chattts_asset_dir):
     real = {a["content"]: a["id"] for a in data["added_tokens"]}
     assert real == {**BERT_SPECIAL, **ADDED_TOKENS}
     assert len(ADDED_TOKENS) == 50
-
-
-def test_generated_tokenizer(tmp_path):
-    p = make_generated_tokenizer(tmp_path / "tokenizer.json")
-    tok = Tokenizer(p)
-    for name, i in ADDED_TOKENS.items():
-        assert tok.token_to_id(name) == i
-    ids = tok.encode("[Stts][empty_spk][speed_5]hello world[Ptts]")
-    assert ids[:3] == [21131, 21144, 21173] and ids[-1] == 21132
-    assert tok.unk_id not in ids
-
-
-def test_prompt_templates():
-    assert build_prompt_code(" [Stts]hi ", False, None, "[speed_5]") == "[Stts][empty_spk][speed_5]hi[Ptts]"
-    assert build_prompt_code("hi", True, "smp", "") == "[Stts][spk_emb]smphi[Ptts]"
-    assert build_prompt_refine("hi", "[oral_2]") == "[Sbreak]hi[Pbreak][oral_2]"
 
 
 def test_bad_tokenizer_file(tmp_path):

@@ -18,7 +18,7 @@ trap 'rm -rf "$work"' EXIT
 exports="$work/exports"
 "$PY" - "$exports" <<'PYEOF'
 import sys
-from chattts_ort.export import export_model
+from chattts_ort.export.exporter import export_model
 for form in ("fused", "portable"):
     export_model("random-tiny", f"{sys.argv[1]}/{form}", progress=False, layer_form=form)
 PYEOF

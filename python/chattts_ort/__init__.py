@@ -6,14 +6,13 @@
 
 Heavy modules (torch, the C++ core) load only when used.
 """
-__version__ = "0.1.0"
-
-from .errors import AssetError, ChatTTSOrtError  # noqa: E402
+from .version import __version__  # noqa: F401
+from .errors import AssetError, ChatTTSOrtError, ExportError, GenerationError, QuantizeError  # noqa: E402
 from .params import InferCodeParams, RefineTextParams  # noqa: E402
 from . import speaker  # noqa: E402,F401  (spk_emb strings: encode / decode / random_speaker)
 
-__all__ = ["Runtime", "Frame", "Generation", "InferCodeParams", "RefineTextParams", "export_model",
-           "ChatTTSOrtError", "AssetError", "__version__"]
+__all__ = ["Runtime", "Frame", "Generation", "InferCodeParams", "RefineTextParams", "ChatTTSOrtError",
+           "AssetError", "ExportError", "GenerationError", "QuantizeError", "__version__"]
 
 
 def __getattr__(name):
@@ -21,8 +20,4 @@ def __getattr__(name):
         from . import runtime
 
         return getattr(runtime, name)
-    if name == "export_model":
-        from .export import export_model
-
-        return export_model
     raise AttributeError(f"module 'chattts_ort' has no attribute {name!r}")

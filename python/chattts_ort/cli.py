@@ -18,7 +18,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export_model
+    from .export.exporter import export_model
 
     rep = export_model(args.src, args.out, force=args.force, progress=not args.quiet, layer_form=args.layer_form,
                        kv_dtype=args.kv_dtype)
@@ -30,7 +30,7 @@ def _cmd_export(args) -> int:
 
 
 def _verify(folder, against, quiet, steps) -> int:
-    from .verify import verify_export
+    from .checks.verify import verify_export
 
     report = verify_export(folder, against=against, progress=not quiet, steps=steps)
     print(report.table())
@@ -46,7 +46,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from .quantize import quantize_export
+    from .export.quantize import quantize_export
 
     rep = quantize_export(args.inp, args.out, plan=args.plan, block_size=args.block_size, force=args.force,
                           progress=not args.quiet)
@@ -55,7 +55,7 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_memory(args) -> int:
-    from .quantize import load_rss
+    from .memory import load_rss
 
     for folder in args.folders:
         rep = load_rss(folder, via=args.via, disable_prepacking=args.no_prepacking)
@@ -65,7 +65,7 @@ def _cmd_memory(args) -> int:
 
 def _cmd_demo(args) -> int:
     from . import InferCodeParams, Runtime
-    from .defaults import default_export
+    from .export.exporter import default_export
 
     folder = args.model or default_export(progress=True)
     t_load = time.perf_counter()

@@ -245,6 +245,46 @@ def open_export(folder, hashes: bool = True) -> dict:
     return m
 
 
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 11: "float64", 3: "int8", 2: "uint8"}
+
+
+def graph_io(path: os.PathLike) -> dict:
+    """Names, dtypes and shapes of a graph's inputs and outputs (read without loading the weights)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def one(v):
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": v.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+    init = {i.name for i in m.graph.initializer}
+    return {"inputs": [one(v) for v in m.graph.input if v.name not in init], "outputs": [one(v) for v in m.graph.output]}
+
+
+def graph_entry(folder: Path, file: str, precision: str = "fp32") -> dict:
+    """The manifest entry of a graph file: its sha256, size, precision and IO (read from the file)."""
+    p = folder / file
+    entry = {"file": file, "sha256": sha256_file(p), "bytes": p.stat().st_size, "precision": precision}
+    entry.update(graph_io(p))
+    return entry
+
+
+def rewrite_graph_entries(manifest: dict, folder: Path, precision_of) -> dict:
+    """A copy of `manifest` whose graph entries describe the files now in `folder` (after a tool rewrote
+    them); precision_of(block name, old entry) gives each block's precision."""
+    m = json.loads(json.dumps(manifest))
+    g = m["graphs"]
+    for name, e in list(iter_graphs(manifest)):
+        new = graph_entry(Path(folder), e["file"], precision_of(name, e))
+        if name.startswith("layer_"):
+            g["layers"][int(name[6:])] = new
+        else:
+            g[name] = new
+    return m
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
     check_manifest(manifest, str(Path(folder) / MANIFEST))
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -19,9 +19,8 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ._native import core
-from .batching import left_pad
 from .errors import ExportError, GenerationError
-from .format import block_io, graph_path, iter_graphs, open_export
+from .format import graph_path, iter_graphs, open_export
 from .params import InferCodeParams, RefineTextParams, build_prompt_code, build_prompt_refine, strip_tags
 
 SpeakerLike = Union[None, str, np.ndarray, Sequence[float]]

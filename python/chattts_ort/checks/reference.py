@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SPECIAL_TOKENS, GPTConfig
-from .model import ChatTTSGPT
+from ..config import SPECIAL_TOKENS, GPTConfig
+from ..export.model import ChatTTSGPT
 
 
 @dataclass
@@ -33,7 +33,7 @@ def llama_from(model: ChatTTSGPT, cfg: GPTConfig, attn_implementation: str = "ea
     """transformers' LlamaModel with our layer weights."""
     from transformers import LlamaConfig, LlamaModel
 
-    from .assets import to_transformers_llama_state_dict
+    from ..export.assets import to_transformers_llama_state_dict
 
     lc = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -68,8 +68,8 @@ def generate_reference(model: ChatTTSGPT, cfg: GPTConfig, prompts, mode: str = "
     from transformers import TopKLogitsWarper, TopPLogitsWarper
     from transformers.cache_utils import DynamicCache
 
-    from .batching import left_pad
-    from .params import InferCodeParams, RefineTextParams
+    from ..batching import left_pad
+    from ..params import InferCodeParams, RefineTextParams
 
     text_mode = mode == "text"
     params = params or (RefineTextParams() if text_mode else InferCodeParams())

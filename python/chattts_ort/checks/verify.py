@@ -19,8 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from .export import example_inputs
-from .format import iter_graphs, open_export, read_manifest, write_text_atomic
+from ..export.blocks import example_inputs
+from ..format import iter_graphs, open_export, read_manifest
+from .report import Report
 
 # fp32 tolerance on the max abs error, scaled by the output's magnitude: |err| <= ATOL + RTOL * max|want|.
 # Observed fp32 errors are ~1e-7 relative (ORT and PyTorch sum in different orders).
@@ -38,12 +39,8 @@ class BlockResult:
 
 
 @dataclass
-class VerifyReport:
-    folder: Path
-    blocks: list
-    chain: dict
-    path: Path = None
-    seconds: float = 0.0
+class VerifyReport(Report):
+    # blocks: BlockResult rows; chain: token identity of the ONNX chain with the PyTorch reference loop
 
     @property
     def failed(self) -> list:
@@ -51,10 +48,6 @@ class VerifyReport:
         if self.chain and not self.chain.get("ok", False):
             bad.append("chain")
         return bad
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
     def table(self) -> str:
         lines = [f"{'block':<12} {'output':<14} {'max abs err':>12} {'max rel err':>12}  ok"]
@@ -89,7 +82,7 @@ def _errors(got: np.ndarray, want: np.ndarray):
 
 def _torch_modules(manifest: dict):
     """The PyTorch model the export came from (its source must still be available)."""
-    from .defaults import resolve_source
+    from ..export.sources import resolve_source
 
     src = manifest.get("source")
     if src is None:
@@ -109,7 +102,7 @@ def _ort_session(path: Path, threads: int = 1):
 def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
     import torch
 
-    from .export import _wrappers
+    from ..export.blocks import _wrappers
 
     EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, SampleHead = _wrappers()
     results = []
@@ -167,7 +160,7 @@ def _verify_fused_layer(path: Path, name: str, layer, cfg, kv_dtype: str = "fp32
     """A fused layer against the PyTorch layer: a batch-2 prefill and a batch-2 decode step over a cache."""
     import torch
 
-    from .fused import run_fused_reference_inputs
+    from ..export.fused import run_fused_reference_inputs
 
     sess = _ort_session(path)
     worst = {"hidden_out": [0.0, 0.0, 0.0], "present_key": [0.0, 0.0, 0.0], "present_value": [0.0, 0.0, 0.0]}
@@ -195,7 +188,7 @@ def verify_chain(folder, gpt, cfg, steps: int = 100, seed: int = 0) -> dict:
     import torch
 
     from .ortloop import OrtLoop
-    from .params import InferCodeParams
+    from ..params import InferCodeParams
     from .reference import generate_reference
 
     rng = np.random.default_rng(seed)
@@ -245,7 +238,7 @@ def verify_export(folder, against=None, progress: bool = False, steps: Optional[
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     manifest = open_export(folder)  # a folder whose files do not match its manifest is refused, not verified
     if against is not None:
-        from .quantize import compare_exports
+        from .compare import compare_exports
 
         report = compare_exports(folder, against, steps=steps, progress=progress)
     else:
@@ -255,6 +248,5 @@ def verify_export(folder, against=None, progress: bool = False, steps: Optional[
         report = VerifyReport(folder, blocks, ch)
     report.seconds = time.perf_counter() - t0
     if save:
-        report.path = folder / "verify.json"
-        write_text_atomic(report.path, json.dumps(report.to_json(), indent=2))
+        report.save("verify.json")
     return report

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chattts_ort.assets import gpt_from_state_dicts, random_state_dicts, to_transformers_llama_state_dict
+from chattts_ort.export.assets import gpt_from_state_dicts, random_state_dicts, to_transformers_llama_state_dict
 from chattts_ort.config import SPECIAL_TOKENS, GPTConfig
-from chattts_ort.model import attention_bias, normalize_speaker, rope_cos_sin
-from chattts_ort.reference import llama_from
+from chattts_ort.export.model import attention_bias, normalize_speaker, rope_cos_sin
+from chattts_ort.checks.reference import llama_from
 
 
 def _chain_vs_llama(cfg, seed=0, decode_steps=5):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import left_pad, prefill_positions
-from .format import read_manifest as load_manifest
+from ..batching import left_pad, prefill_positions
+from ..format import read_manifest
 
 
 @dataclass
@@ -30,7 +30,7 @@ class OrtLoop:
         import onnxruntime as ort
 
         self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder)
+        self.manifest = read_manifest(self.folder)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -76,7 +76,7 @@ class OrtLoop:
             # Right-padded rows, one [B, H, M, D] buffer per layer shared by past and present.
             import onnxruntime as ort
 
-            from .fused import rope_cache
+            from ..export.fused import rope_cache
 
             lens = mask.sum(1).astype(np.int64)
             step_ids = np.zeros_like(ids)

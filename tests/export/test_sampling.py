@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chattts_ort.params import InferCodeParams, RefineTextParams
-from chattts_ort.reference import repetition_penalty
-from chattts_ort.sampling import SampleHead, exponential_noise
+from chattts_ort.checks.reference import repetition_penalty
+from chattts_ort.export.sampling import SampleHead, exponential_noise
 
 
 def _chattts_way(logits, temp, pen, window, top_p, top_k, eos, block, q):
@@ -62,19 +61,3 @@ def test_eos_gate_blocks_eos():
     assert (head(logits, *args, torch.tensor(True), torch.ones(4, 626)) != 625).all()
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(temperature=0), "temperature"), (dict(temperature=[0.3, 0.3]), "temperature list"),
-    (dict(top_P=0), "top_P"), (dict(top_P=1.5), "top_P"), (dict(top_K=0), "top_K"),
-    (dict(repetition_penalty=0), "repetition_penalty"), (dict(max_new_token=0), "max_new_token"),
-    (dict(min_new_token=-1), "min_new_token"), (dict(manual_seed=-3), "manual_seed")])
-def test_params_validation(bad, match):
-    with pytest.raises(ValueError, match=match):
-        InferCodeParams(**bad).validate()
-
-
-def test_chattts_defaults():
-    p, r = InferCodeParams(), RefineTextParams()
-    assert (p.temperature, p.top_P, p.top_K, p.repetition_penalty, p.max_new_token, p.prompt) == \
-        (0.3, 0.7, 20, 1.05, 2048, "[speed_5]")
-    assert (r.temperature, r.repetition_penalty, r.max_new_token, r.prompt) == (0.7, 1.0, 384, "")
-    p.validate(); r.validate()

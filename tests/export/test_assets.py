@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from chattts_ort.assets import load_asset_folder, write_random_asset_folder
-from chattts_ort.config import GPTConfig
+from chattts_ort.config import ADDED_TOKENS, GPTConfig
 from chattts_ort.errors import AssetError
+from chattts_ort.export.assets import load_asset_folder, make_generated_tokenizer, write_random_asset_folder
+from chattts_ort.tokenizer import Tokenizer
 
 
 @pytest.fixture()
@@ -39,7 +40,7 @@ def test_seeded_and_deterministic(tmp_path):
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):
-    import chattts_ort.assets as assets
+    import chattts_ort.export.assets as assets
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -95,7 +96,10 @@ def test_real_config_reads(chattts_asset_dir):
 
 
 def test_default_tiny_folder_is_cached(_private_cache):
-    from chattts_ort.assets import tiny_asset_folder
+    from chattts_ort.export.sources import random_asset_folder
+
+    def tiny_asset_folder():
+        return random_asset_folder("tiny")
 
     a = tiny_asset_folder()
     assert str(a).startswith(str(_private_cache))
@@ -122,3 +126,14 @@ def test_embed_tokens_ignored(tiny_folder):
     sd["embed_tokens.weight"] = torch.zeros(32000, GPTConfig.tiny().hidden_size)
     save_file(sd, str(p))
     load_asset_folder(tiny_folder)
+
+
+def test_generated_tokenizer(tmp_path):
+    p = make_generated_tokenizer(tmp_path / "tokenizer.json")
+    tok = Tokenizer(p)
+    for name, i in ADDED_TOKENS.items():
+        assert tok.token_to_id(name) == i
+    ids = tok.encode("[Stts][empty_spk][speed_5]hello world[Ptts]")
+    assert ids[:3] == [21131, 21144, 21173] and ids[-1] == 21132
+    assert tok.unk_id not in ids
+

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SPECIAL_TOKENS, GPTConfig
+from ..config import SPECIAL_TOKENS, GPTConfig
 
 SPK_EMB_ID = SPECIAL_TOKENS["spk_emb"]
 

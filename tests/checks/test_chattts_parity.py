@@ -50,7 +50,7 @@ def _chattts_modules():
 
 def test_runtime_matches_chattts_generate(tiny_export):
     Embed, GPT, gen_logits, Speaker = _chattts_modules()
-    from chattts_ort.defaults import random_asset_folder
+    from chattts_ort.export.sources import random_asset_folder
     from chattts_ort.speaker import random_speaker
 
     logging.getLogger("ChatTTS").setLevel(logging.ERROR)
