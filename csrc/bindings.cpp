@@ -144,7 +144,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("runtime_library_path", &runtime_library_path);
   m.def("runtime_version", &runtime_version, "Version string of the loaded ONNX Runtime.");
   m.def("available_providers", &available_providers, "Execution providers of the loaded ONNX Runtime.");
-  m.def("env_threads", &env_threads, "Threads of the shared intra-op pool (-1 before the first session).");
   m.attr("ORT_API_VERSION") = ORT_API_VERSION;
 
   py::class_<Session>(m, "Session", "One ONNX graph; run() binds caller-owned numpy buffers with IO binding.")
@@ -153,7 +152,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("path", &Session::path)
       .def_property_readonly("inputs", [](const Session& s) { return describe(s.inputs()); })
       .def_property_readonly("outputs", [](const Session& s) { return describe(s.outputs()); })
-      .def_property_readonly("block_tag", &Session::block_tag)
       .def("run", &session_run, py::arg("inputs"), py::arg("outputs"),
            "Run with every input and output bound to the given arrays; outputs are written in place.");
 
@@ -245,7 +243,6 @@ PYBIND11_MODULE(_core, m) {
              if (s.prefill_pending()) return interruptible(s, [&s] { return s.step(); });
              return without_gil([&s] { return s.step(); });
            }, "Run one step (the first runs the prefill).")
-      .def_property_readonly("active", &State::active)
       .def_property_readonly("kv_rows", &State::kv_rows)
       .def("profile", &State::profile, py::arg("on"), "Time every block (for chattts_ort.Runtime.profile).")
       .def("take_profile", [](State& s) { return without_gil([&] { return s.take_profile(); }); },
@@ -254,6 +251,5 @@ PYBIND11_MODULE(_core, m) {
            "End the generation in progress (buffers are kept).")
       .def("close", &State::close, "End the generation for good (cuts a Run in flight); later calls raise.")
       .def("release_memory", [](State& s) { without_gil([&] { s.release_memory(); return 0; }); },
-           "Free KV rows grown beyond the load-time batch.")
-      .def("terminate", &State::terminate, "Cut a Run in flight (safe from another thread).");
+           "Free KV rows grown beyond the load-time batch.");
 }

@@ -14,7 +14,6 @@ void* g_handle = nullptr;
 const OrtApiBase* g_base = nullptr;
 std::string g_path;
 std::unique_ptr<Ort::Env> g_env;
-int g_env_threads = -1;
 
 void require_ready() {
   if (!g_base) throw Error("ONNX Runtime is not loaded: call chattts_ort._core.init_runtime(path) first");
@@ -70,6 +69,9 @@ std::vector<std::string> available_providers() {
 
 Ort::Env& env(int threads) {
   require_ready();
+  if (threads < 0 || threads > kMaxThreads)
+    throw Error("threads must be between 0 (ONNX Runtime's default) and " + std::to_string(kMaxThreads) + ", got " +
+                std::to_string(threads));
   std::lock_guard<std::mutex> lock(g_mutex);
   if (!g_env) {
     Ort::ThreadingOptions tp;
@@ -78,12 +80,9 @@ Ort::Env& env(int threads) {
     // Spinning keeps a worker hot between the short back-to-back Runs of one decode step.
     tp.SetGlobalSpinControl(1);
     g_env = std::make_unique<Ort::Env>(tp, ORT_LOGGING_LEVEL_ERROR, "chattts-ort");
-    g_env_threads = threads;
   }
   return *g_env;
 }
-
-int env_threads() { return g_env_threads; }
 
 Ort::SessionOptions make_session_options(const std::string& device, int threads,
                                          const std::vector<std::pair<std::string, std::string>>& config) {

@@ -27,10 +27,10 @@ std::string runtime_version();                 // base->GetVersionString(), neve
 std::vector<std::string> available_providers();
 
 // The one Env of the process. Created on first use with a global intra-op pool of `threads` threads
-// (0 = ONNX Runtime's default); every session shares it, so the threads of 23 chained sessions do not
-// spin against each other. The thread count is fixed by the first caller.
+// (0 = ONNX Runtime's default, at most kMaxThreads); every session shares it, so the threads of 23 chained
+// sessions do not spin against each other. The thread count is fixed by the first caller.
+constexpr int kMaxThreads = 1024;
 Ort::Env& env(int threads);
-int env_threads();
 
 // Session options every session of ours uses: global threads, full graph optimisation, and the
 // execution provider ("cpu" or "cuda[:N]").

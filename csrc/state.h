@@ -53,7 +53,6 @@ class State {
 
   void start(GenerationSpec g);
   StepResult step();                     // the first call runs the prefill
-  bool active() const { return active_; }
   bool prefill_pending() const { return active_ && step_ == 0; }
   void reset();                          // ends the generation; buffers stay for the next one
   void close();                          // ends it for good: later calls raise
