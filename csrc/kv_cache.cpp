@@ -24,10 +24,11 @@ void KVCache::allocate(int64_t rows) {
   for (auto& v : V_) v.reset();
   rows_ = 0;
   for (size_t l = 0; l < K_.size(); ++l) {
-    // Not zero-filled: every position a layer reads was written first, and the pages of a long context
-    // are committed only when the generation reaches them.
-    K_[l].reset(new (std::nothrow) float[size_t(floats)]);
-    V_[l].reset(new (std::nothrow) float[size_t(floats)]);
+    // Zero-filled now, so every page is committed at allocation: no step takes a page fault on a cache
+    // position it reaches for the first time (steady step times; "no allocation per step" holds for the
+    // kernel's page allocator too).
+    K_[l].reset(new (std::nothrow) float[size_t(floats)]());
+    V_[l].reset(new (std::nothrow) float[size_t(floats)]());
     if (!K_[l] || !V_[l]) {
       for (auto& k : K_) k.reset();
       for (auto& v : V_) v.reset();
