@@ -113,6 +113,14 @@ Model::Model(const ModelSpec& spec) : spec_(spec) {
   expect_dim(*head_code_, "head_code", lc, 2, spec_.vocab_code, "vocabulary");
   expect_dim(*head_text_, "head_text", find(head_text_->outputs(), "logits"), 1, spec_.vocab_text, "vocabulary");
   check_block(*sample_, "sample", kSampleIn, kSampleOut);
+  for (const char* name : {"penalty", "top_p", "top_k", "block_eos"}) {
+    const TensorInfo* t = find(sample_->inputs(), name);
+    const bool per_row = t->shape.size() == 1;
+    if (t->shape.size() > 1 || (name != std::string("penalty") && per_row != sample_per_row_))
+      throw Error("block sample (" + sample_->path() + "): '" + name + "' must be one value or one per row, "
+                  "like the other sampling inputs");
+    if (name == std::string("penalty")) sample_per_row_ = per_row;
+  }
 
   if (fused()) {
     // Rotary tables as PyTorch computes them: fp32 inverse frequencies, one fp32 product, then cos/sin.

@@ -50,6 +50,9 @@ class Model {
   void* sin_cache() { return spec_.kv_fp16 ? static_cast<void*>(sin16_.data()) : sin_.data(); }
 
   int64_t kv_bytes_per_row(int64_t max_context) const;
+  // The sample head takes penalty, top_p, top_k and block_eos per row ([N]); sample heads exported before
+  // per-row sampling take one value for all rows ([]).
+  bool sample_per_row() const { return sample_per_row_; }
 
  private:
   void check_block(const Session& s, const std::string& name, const std::vector<std::string>& ins,
@@ -60,6 +63,7 @@ class Model {
   std::vector<std::unique_ptr<Session>> layers_;
   std::vector<float> cos_, sin_;
   std::vector<uint16_t> cos16_, sin16_;
+  bool sample_per_row_ = false;
 };
 
 }  // namespace chattts

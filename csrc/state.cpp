@@ -15,24 +15,6 @@ void grow(std::vector<T>& v, int64_t n) {
   if (int64_t(v.size()) < n) v.resize(size_t(n));
 }
 
-uint64_t splitmix64(uint64_t& x) {
-  uint64_t z = (x += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-// xoshiro256**: small, fast, and the same stream on every platform for a given seed.
-inline uint64_t next_u64(uint64_t* s) {
-  uint64_t result = rotl(s[1] * 5, 7) * 9;
-  uint64_t t = s[1] << 17;
-  s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
-  s[2] ^= t; s[3] = rotl(s[3], 45);
-  return result;
-}
-
 using Clock = std::chrono::steady_clock;
 inline double ms_since(Clock::time_point& t) {
   auto now = Clock::now();
@@ -80,6 +62,10 @@ void State::ensure_capacity(int64_t B, int64_t T) {
   grow(logits_, checked_product({B, std::max(m.num_vq * m.vocab_code, m.vocab_text)}, "the logits"));
   grow(last_hidden_, checked_product({B, E}, "the hidden states"));
   grow(temperature_, N);
+  grow(penalty_, N);
+  grow(top_p_, N);
+  grow(top_k_, N);
+  grow(block_eos_, N);
   grow(history_, checked_product({N, 16}, "the history"));
   grow(next_ids_, N);
   grow(noise_, checked_product({N, Vmax}, "the noise"));
@@ -128,12 +114,14 @@ void State::start(GenerationSpec g) {
     std::fill(speaker_.begin(), speaker_.begin() + B * E, 0.0f);
   else
     std::copy(g_.speaker.begin(), g_.speaker.end(), speaker_.begin());
-  penalty_ = g_.repetition_penalty; top_p_ = g_.top_p; top_k_ = g_.top_k; eos_id_ = g_.eos_id;
+  std::fill(penalty_.begin(), penalty_.begin() + N, g_.repetition_penalty);
+  std::fill(top_p_.begin(), top_p_.begin() + N, g_.top_p);
+  std::fill(top_k_.begin(), top_k_.begin() + N, g_.top_k);
+  eos_id_ = g_.eos_id;
   last_pos_.assign(size_t(B), 0);
   finished_.assign(size_t(B), 0);
   lens_.assign(g_.prompt_lens.begin(), g_.prompt_lens.end());
-  uint64_t seed = g_.seed;
-  for (auto& s : rng_) s = splitmix64(seed);
+  seed_rng(g_.seed, rng_);
   if (g_.greedy) std::fill(noise_.begin(), noise_.begin() + N * V, 1.0f);
   layout_prompts();
   run_opts_.UnsetTerminate();
@@ -253,14 +241,7 @@ void State::run_layers(int64_t S, int64_t P, bool bind) {
   out_ = cur;
 }
 
-void State::fill_noise(int64_t n_rows, int64_t vocab) {
-  // Exp(1) noise: -log(u), u uniform in (0, 1]; floored so p / q never divides by zero.
-  const int64_t n = n_rows * vocab;
-  for (int64_t i = 0; i < n; ++i) {
-    double u = double((next_u64(rng_) >> 11) + 1) * (1.0 / 9007199254740992.0);
-    noise_[size_t(i)] = std::max(float(-std::log(u)), 1e-30f);
-  }
-}
+void State::fill_noise(int64_t n_rows, int64_t vocab) { exp_noise(rng_, noise_.data(), n_rows * vocab); }
 
 void State::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -387,16 +368,18 @@ StepResult State::step() {
     fill_noise(N, V);
   }
   if (profile_) prof_noise_ += ms_since(tp);
-  block_eos_ = step_ < g_.min_new_token;
+  std::fill(block_eos_.begin(), block_eos_.begin() + N, uint8_t(step_ < g_.min_new_token));
   if (bind) {
+    // Per-row sampling inputs are [N]; a sample head of the older form takes row 0's value for all rows.
+    const std::vector<int64_t> rows = model_->sample_per_row() ? std::vector<int64_t>{N} : std::vector<int64_t>{};
     sample_b_.BindInput("logits", view(logits_.data(), {N, V}));
     sample_b_.BindInput("temperature", view(temperature_.data(), {N}));
-    sample_b_.BindInput("penalty", view(&penalty_, {}));
+    sample_b_.BindInput("penalty", view(penalty_.data(), rows));
     sample_b_.BindInput("history", view(history_.data(), {N, 16}));
-    sample_b_.BindInput("top_p", view(&top_p_, {}));
-    sample_b_.BindInput("top_k", view(&top_k_, {}));
+    sample_b_.BindInput("top_p", view(top_p_.data(), rows));
+    sample_b_.BindInput("top_k", view(top_k_.data(), rows));
     sample_b_.BindInput("eos_id", view(&eos_id_, {}));
-    sample_b_.BindInput("block_eos", view(&block_eos_, {}));
+    sample_b_.BindInput("block_eos", view(reinterpret_cast<bool*>(block_eos_.data()), rows));
     sample_b_.BindOutput("next_ids", view(next_ids_.data(), {N}));
   }
   if (bind || !g_.noise.empty()) sample_b_.BindInput("noise", view(noise, {N, V}));  // supplied noise moves

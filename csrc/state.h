@@ -92,9 +92,11 @@ class State {
   std::vector<int32_t> seqlens_;  // fused form: per-row length - 1
   std::vector<int64_t> lens_;     // tokens per row (cached, fused form)
   int32_t total_len_ = 0;
-  float penalty_ = 1.0f, top_p_ = 0.7f;
-  int64_t top_k_ = 20, eos_id_ = 625;
-  bool block_eos_ = false;
+  // Sampling values: one per row (the sample head's per-row form) or the first entry for all rows.
+  std::vector<float> penalty_, top_p_;
+  std::vector<int64_t> top_k_;
+  std::vector<uint8_t> block_eos_;
+  int64_t eos_id_ = 625;
   bool decode_bound_ = false;
   float* out_ = nullptr;  // the buffer holding the last layer's output
 

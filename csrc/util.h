@@ -3,6 +3,8 @@
 
 #include "ort_env.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -31,6 +33,33 @@ inline bool all_finite(const float* p, size_t n) {
     bad |= ((u & 0x7f800000u) + 0x00800000u) >> 31;  // exponent all ones -> bit 31 set
   }
   return bad == 0;
+}
+
+// The draw noise: xoshiro256** seeded through splitmix64 (small, fast, the same stream on every platform for a
+// given seed), turned into Exp(1) samples -log(u), u in (0, 1], floored so p / q never divides by zero.
+inline void seed_rng(uint64_t seed, uint64_t* s) {
+  for (int i = 0; i < 4; ++i) {
+    uint64_t z = (seed += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    s[i] = z ^ (z >> 31);
+  }
+}
+
+inline uint64_t next_u64(uint64_t* s) {
+  auto rotl = [](uint64_t x, int k) { return (x << k) | (x >> (64 - k)); };
+  uint64_t result = rotl(s[1] * 5, 7) * 9;
+  uint64_t t = s[1] << 17;
+  s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+  s[2] ^= t; s[3] = rotl(s[3], 45);
+  return result;
+}
+
+inline void exp_noise(uint64_t* s, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    double u = double((next_u64(s) >> 11) + 1) * (1.0 / 9007199254740992.0);
+    dst[i] = std::max(float(-std::log(u)), 1e-30f);
+  }
 }
 
 }  // namespace chattts

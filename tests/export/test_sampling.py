@@ -61,3 +61,23 @@ def test_eos_gate_blocks_eos():
     assert (head(logits, *args, torch.tensor(True), torch.ones(4, 626)) != 625).all()
 
 
+
+
+def test_per_row_values_match_chattts_row_by_row():
+    """One call with different penalty / top_p / top_k / EOS gate per row equals ChatTTS's processing of each
+    row alone (what lets streams with their own parameters share a step)."""
+    g = torch.Generator().manual_seed(7)
+    N, V = 8, 626
+    logits = torch.randn(N, V, generator=g) * 3
+    temp = 0.2 + torch.rand(N, generator=g)
+    pen = 1.0 + 0.2 * torch.rand(N, generator=g)
+    top_p = 0.3 + 0.7 * torch.rand(N, generator=g)
+    top_k = torch.randint(1, 50, (N,), generator=g)
+    block = torch.arange(N) % 3 == 0
+    hist = torch.randint(0, V, (N, 16), generator=g)
+    q = torch.empty(N, V).exponential_(generator=g)
+    got = SampleHead()(logits, temp, pen, hist, top_p, top_k, torch.tensor(V - 1), block, q)
+    for n in range(N):
+        want = _chattts_way(logits[n:n + 1], temp[n:n + 1], float(pen[n]), hist[n:n + 1], float(top_p[n]),
+                            int(top_k[n]), V - 1, bool(block[n]), q[n:n + 1])
+        assert int(got[n]) == int(want[0]), n

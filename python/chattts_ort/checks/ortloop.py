@@ -54,6 +54,8 @@ class OrtLoop:
         self.fused = self.manifest.get("layer_form", "portable") == "fused"
         self.rope_theta = c.get("rope_theta", 10000.0)
         self.kv_np = np.float16 if self.manifest.get("kv_dtype", "fp32") == "fp16" else np.float32
+        # Sample heads exported before per-row sampling take one value for all rows ([] instead of [N]).
+        self.per_row = len({i.name: i for i in self.sample.get_inputs()}["penalty"].shape) == 1
 
     def generate(self, prompts, *, text_mode=False, temperature=(0.3, 0.3, 0.3, 0.3), repetition_penalty=1.05,
                  top_p=0.7, top_k=20, max_new_token=100, min_new_token=0, eos_id=None, speaker=None,
@@ -136,11 +138,12 @@ class OrtLoop:
             else:
                 q = np.asarray(noise[step], np.float32)
             res.noise.append(q)
+            rows = (N,) if self.per_row else ()
             (nxt,) = self.sample.run(None, {
                 "logits": logits.reshape(N, V).astype(np.float32), "temperature": temp_rows,
-                "penalty": np.array(repetition_penalty, np.float32), "history": history,
-                "top_p": np.array(top_p, np.float32), "top_k": np.array(top_k, np.int64),
-                "eos_id": np.array(eos, np.int64), "block_eos": np.array(step < min_new_token),
+                "penalty": np.full(rows, repetition_penalty, np.float32), "history": history,
+                "top_p": np.full(rows, top_p, np.float32), "top_k": np.full(rows, top_k, np.int64),
+                "eos_id": np.array(eos, np.int64), "block_eos": np.full(rows, step < min_new_token),
                 "noise": q})
             if record_logits:
                 res.logits.append(logits.reshape(N, V).copy())

@@ -80,8 +80,8 @@ HEAD_IO = (
 SAMPLE_IO = (
     list(SAMPLE_INPUTS),
     list(SAMPLE_OUTPUTS),
-    {"logits": {0: "N", 1: "V"}, "temperature": {0: "N"}, "history": {0: "N"}, "noise": {0: "N", 1: "V"},
-     "next_ids": {0: "N"}},
+    {"logits": {0: "N", 1: "V"}, "temperature": {0: "N"}, "penalty": {0: "N"}, "history": {0: "N"},
+     "top_p": {0: "N"}, "top_k": {0: "N"}, "block_eos": {0: "N"}, "noise": {0: "N", 1: "V"}, "next_ids": {0: "N"}},
 )
 
 
@@ -126,6 +126,11 @@ def example_inputs(cfg: GPTConfig, block: str, B: int = 2, S: int = 3, P: int = 
         history = torch.randint(0, V, (N, 16), generator=g)
         history[:, 10:] = -1
         noise = torch.empty(N, V).exponential_(generator=g)
-        return (logits, temperature, torch.tensor(1.05), history, torch.tensor(0.7), torch.tensor(20, dtype=torch.int64),
-                torch.tensor(V - 1, dtype=torch.int64), torch.tensor(False), noise)
+        # Per-row values that differ between rows, so a graph that used one row's value for all would fail.
+        penalty = 1.0 + 0.1 * torch.rand(N, generator=g)
+        top_p = 0.5 + 0.5 * torch.rand(N, generator=g)
+        top_k = torch.randint(1, 40, (N,), generator=g)
+        block_eos = torch.arange(N) % 2 == 0
+        return (logits, temperature, penalty, history, top_p, top_k, torch.tensor(V - 1, dtype=torch.int64),
+                block_eos, noise)
     raise ValueError(f"unknown block {block!r}")

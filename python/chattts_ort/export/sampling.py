@@ -15,38 +15,42 @@ NEG_INF = float("-inf")
 
 
 def process_logits(logits, temperature, penalty, history, top_p, top_k, eos_id, block_eos):
-    """Processed logits [N, V] (before the softmax). history [N, W] int64, entries < 0 are empty."""
+    """Processed logits [N, V] (before the softmax). history [N, W] int64, entries < 0 are empty.
+
+    temperature [N]; penalty, top_p, top_k and block_eos per row ([N]) or one value for all rows ([]): each
+    row is processed with its own values, so rows of different streams can share one call."""
     N, V = logits.shape[0], logits.shape[1]
     x = logits / temperature.unsqueeze(1)
     # Repetition penalty: alpha = penalty ** count, negative logits * alpha, others / alpha.
     vocab = torch.arange(V, dtype=torch.int64)
     counts = (history.unsqueeze(2) == vocab.view(1, 1, -1)).to(torch.float32).sum(1)  # [N, V]
-    alpha = torch.pow(penalty, counts)
+    alpha = torch.pow(penalty.reshape(-1, 1), counts)
     x = torch.where(x < 0, x * alpha, x / alpha)
     # Top-p: drop the low tail whose cumulative probability is <= 1 - top_p, keeping at least 3.
     sorted_x, order = torch.sort(x, dim=1, descending=False)
     cum = torch.softmax(sorted_x, dim=1).cumsum(dim=1)
     keep_tail = vocab >= (V - 3)
-    drop_sorted = (cum <= (1.0 - top_p)) & ~keep_tail.unsqueeze(0)
+    drop_sorted = (cum <= (1.0 - top_p.reshape(-1, 1))) & ~keep_tail.unsqueeze(0)
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     x = torch.where(drop, torch.full_like(x, NEG_INF), x)
     # Top-k: k = min(max(top_k, 3), V); everything below the k-th largest goes (ties with it stay).
     # Top-p dropped a prefix of the ascending order, so the k-th largest after it is sorted_x[V - k] unless
     # that entry was dropped (then it is -inf and top-k removes nothing more): no second sort needed.
-    k = torch.clamp(torch.clamp(top_k, min=3), max=V)
-    idx = (V - k).view(1, 1).expand(N, 1)
+    k = torch.clamp(torch.clamp(top_k.reshape(-1, 1), min=3), max=V)
+    idx = (V - k).expand(N, 1)
     kth = torch.where(torch.gather(drop_sorted, 1, idx), torch.full_like(sorted_x[:, :1], NEG_INF),
                       torch.gather(sorted_x, 1, idx))
     x = torch.where(x < kth, torch.full_like(x, NEG_INF), x)
-    # EOS gate.
-    eos = (vocab == eos_id) & block_eos
-    x = torch.where(eos.unsqueeze(0), torch.full_like(x, NEG_INF), x)
+    # EOS gate, per row.
+    eos = (vocab.view(1, -1) == eos_id) & block_eos.reshape(-1, 1)
+    x = torch.where(eos, torch.full_like(x, NEG_INF), x)
     return x
 
 
 class SampleHead(nn.Module):
-    """forward(logits [N,V], temperature [N], penalty [], history [N,16], top_p [], top_k [], eos_id [],
-    block_eos [], noise [N,V]) -> next_ids [N] int64. See docs/FORMAT.md."""
+    """forward(logits [N,V], temperature [N], penalty [N], history [N,16], top_p [N], top_k [N], eos_id [],
+    block_eos [N], noise [N,V]) -> next_ids [N] int64 (per-row values; a [] value applies to every row).
+    See docs/FORMAT.md."""
 
     def forward(self, logits, temperature, penalty, history, top_p, top_k, eos_id, block_eos, noise):
         x = process_logits(logits, temperature, penalty, history, top_p, top_k, eos_id, block_eos)
