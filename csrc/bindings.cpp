@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "model.h"
+#include "scheduler.h"
 #include "session.h"
 #include "state.h"
 
@@ -252,4 +253,71 @@ PYBIND11_MODULE(_core, m) {
       .def("close", &State::close, "End the generation for good (cuts a Run in flight); later calls raise.")
       .def("release_memory", [](State& s) { without_gil([&] { s.release_memory(); return 0; }); },
            "Free KV rows grown beyond the load-time batch.");
+
+  py::class_<StreamSpec>(m, "StreamSpec", "One stream's prompt (a single row) and sampling settings.")
+      .def(py::init<>())
+      .def_readwrite("prompt_ids", &StreamSpec::prompt_ids)
+      .def_readwrite("temperature", &StreamSpec::temperature)
+      .def_readwrite("repetition_penalty", &StreamSpec::repetition_penalty)
+      .def_readwrite("top_p", &StreamSpec::top_p)
+      .def_readwrite("top_k", &StreamSpec::top_k)
+      .def_readwrite("max_new_token", &StreamSpec::max_new_token)
+      .def_readwrite("min_new_token", &StreamSpec::min_new_token)
+      .def_readwrite("greedy", &StreamSpec::greedy)
+      .def_readwrite("return_hidden", &StreamSpec::return_hidden)
+      .def_readwrite("seed", &StreamSpec::seed)
+      .def_readwrite("queue_timeout_s", &StreamSpec::queue_timeout_s)
+      .def_property("speaker", [](const StreamSpec& g) { return py::array_t<float>(g.speaker.size(), g.speaker.data()); },
+                    [](StreamSpec& g, const FloatArray& a) { g.speaker = to_floats(a); }, "[hidden] or empty")
+      .def_property("noise", [](const StreamSpec& g) { return py::array_t<float>(g.noise.size(), g.noise.data()); },
+                    [](StreamSpec& g, const FloatArray& a) {
+                      if (a.ndim() != 3) throw py::value_error("noise must be [steps, num_vq, V]");
+                      g.noise_steps = a.shape(0);
+                      g.noise = to_floats(a);
+                    }, "[steps, num_vq, V] Exp(1) draw noise (empty: the stream's seeded generator)");
+
+  py::class_<Pulled>(m, "Pulled", "Frames a stream produced since the last pull, and how it ended.")
+      .def_readonly("done", &Pulled::done)
+      .def_readonly("stop_reason", &Pulled::stop_reason)
+      .def_readonly("error", &Pulled::error)
+      .def_property_readonly("count", [](const Pulled& p) { return p.frames.size(); })
+      .def_property_readonly("steps", [](const Pulled& p) {
+        py::array_t<int64_t> a(int64_t(p.frames.size()));
+        for (size_t i = 0; i < p.frames.size(); ++i) a.mutable_data()[i] = p.frames[i].step;
+        return a;
+      })
+      .def_property_readonly("codes", [](const Pulled& p) {
+        const int64_t k = p.frames.empty() ? 0 : int64_t(p.frames[0].codes.size());
+        py::array_t<int64_t> a(std::vector<int64_t>{int64_t(p.frames.size()), k});
+        for (size_t i = 0; i < p.frames.size(); ++i)
+          std::copy(p.frames[i].codes.begin(), p.frames[i].codes.end(), a.mutable_data() + i * size_t(k));
+        return a;
+      }, "int64 [frames, num_vq]")
+      .def_property_readonly("hidden", [](const Pulled& p) -> py::object {
+        if (p.frames.empty() || p.frames[0].hidden.empty()) return py::none();
+        const int64_t E = int64_t(p.frames[0].hidden.size());
+        py::array_t<float> a(std::vector<int64_t>{int64_t(p.frames.size()), E});
+        for (size_t i = 0; i < p.frames.size(); ++i)
+          std::copy(p.frames[i].hidden.begin(), p.frames[i].hidden.end(), a.mutable_data() + i * size_t(E));
+        return a;
+      }, "float32 [frames, hidden] when the stream asked for it, else None");
+
+  py::class_<Scheduler>(m, "Scheduler", "Many concurrent streams batched step by step over one Model.")
+      .def(py::init([](std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames) {
+             return without_gil([&] { return std::make_unique<Scheduler>(std::move(model), max_streams, queue_frames); });
+           }), py::arg("model"), py::arg("max_streams"), py::arg("queue_frames") = 256)
+      .def("submit", [](Scheduler& s, StreamSpec spec) { return without_gil([&] { return s.submit(std::move(spec)); }); },
+           py::arg("spec"), "Queue a stream; returns its id (it waits for a free row, then runs).")
+      .def("pull", [](Scheduler& s, int64_t id, int64_t max_wait_ms) {
+             return without_gil([&] { return s.pull(id, max_wait_ms); });
+           }, py::arg("id"), py::arg("max_wait_ms") = 50, "The frames queued since the last pull (waits up to max_wait_ms).")
+      .def("cancel", [](Scheduler& s, int64_t id) { without_gil([&] { s.cancel(id); return 0; }); }, py::arg("id"))
+      .def("close", [](Scheduler& s) { without_gil([&] { s.close(); return 0; }); })
+      .def("stats", [](Scheduler& s) {
+             SchedulerStats st = without_gil([&] { return s.stats(); });
+             py::dict d;
+             d["rows"] = st.rows; d["active"] = st.active; d["waiting"] = st.waiting;
+             d["steps"] = st.steps; d["frames"] = st.frames; d["prefills"] = st.prefills;
+             return d;
+           });
 }

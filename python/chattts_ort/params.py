@@ -23,6 +23,7 @@ class RefineTextParams:
     # chattts-ort extras
     greedy: bool = False          # argmax of the processed distribution (noise of ones); for tests
     return_hidden: bool = False
+    queue_timeout: Optional[float] = None  # seconds to wait for a free stream (Runtime max_streams); None: no limit
 
     def validate(self, num_vq: int = 4) -> None:
         """Raise ValueError naming the first bad field. Numbers may be Python or numpy scalars; the ranges
@@ -43,6 +44,9 @@ class RefineTextParams:
                              f"({self.max_new_token})")
         if self.manual_seed is not None:
             _check_int("manual_seed", self.manual_seed)
+        if self.queue_timeout is not None and (isinstance(self.queue_timeout, bool) or not isinstance(
+                self.queue_timeout, numbers.Real) or not 0 <= float(self.queue_timeout) < 1e9):
+            raise ValueError(f"queue_timeout must be None or seconds >= 0, got {self.queue_timeout!r}")
         if not isinstance(self.greedy, (bool, np.bool_)):
             raise ValueError(f"greedy must be True or False, got {self.greedy!r}")
 

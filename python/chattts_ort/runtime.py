@@ -90,9 +90,10 @@ def _stop_all_at_exit() -> None:
 
 
 class Runtime:
-    """A loaded export folder, ready to generate. One generation at a time per Runtime (a second concurrent
-    one raises); load one Runtime per thread for concurrent work. `close()` (or `with Runtime.load(...) as rt`)
-    ends a live stream with GenerationError in its consumer and frees the model."""
+    """A loaded export folder, ready to generate. With `max_streams=N` (N > 1, fused form) it serves N concurrent
+    audio streams from any threads, batched step by step in the C++ core; with the default 1, one generation at
+    a time (a second concurrent one raises). `close()` (or `with Runtime.load(...) as rt`) ends live streams with
+    GenerationError in their consumers and frees the model."""
 
     def __init__(self, folder: Path, manifest: dict, model, state, tokenizer, device: str, threads: int,
                  max_context: int, max_batch: int):
@@ -108,6 +109,8 @@ class Runtime:
         self._model = model
         self._state = state
         self._tokenizer = tokenizer
+        self.max_streams = 1
+        self._scheduler = None              # the batched loop of concurrent streams (max_streams > 1)
         self._busy = threading.Lock()      # held by the one live generation
         self._stepping = threading.Lock()  # held while a step runs in the core
         self._closed = False
@@ -117,7 +120,7 @@ class Runtime:
     @classmethod
     def load(cls, export_dir, device: str = "cpu", threads: Optional[int] = None,
              max_context: Optional[int] = None, max_batch: int = 1, verify: bool = True,
-             session_config: Optional[dict] = None) -> "Runtime":
+             session_config: Optional[dict] = None, max_streams: int = 1, queue_frames: int = 256) -> "Runtime":
         """Load an export folder written by `chattts-ort export`.
 
         device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: the usable
@@ -127,6 +130,10 @@ class Runtime:
         release_memory). verify: check every graph's sha256 against the manifest.
         session_config: extra ONNX Runtime session config entries for every block (expert use), e.g.
         {"session.disable_prepacking": "1"}.
+        max_streams: concurrent streams served by one batched decode loop (> 1 needs the fused layer form):
+        `stream()` / `generate()` / `astream()` from any number of threads become rows of one step; past
+        max_streams, callers wait in a FIFO (`InferCodeParams.queue_timeout`). queue_frames: frames each
+        stream may have waiting for its consumer before its row pauses (256 = 5.5 s of audio).
         """
         folder = Path(export_dir)
         manifest = open_export(folder, hashes=verify)
@@ -145,6 +152,10 @@ class Runtime:
             max_context = min(2048, positions)
         max_context = _check_int("max_context", max_context, 2, positions)
         max_batch = _check_int("max_batch", max_batch, 1, 4096)
+        max_streams = _check_int("max_streams", max_streams, 1, 4096)
+        queue_frames = _check_int("queue_frames", queue_frames, 1, 1 << 20)
+        if max_streams > 1 and manifest.get("layer_form") != "fused":
+            raise ValueError("max_streams > 1 needs an export of the fused layer form (export --layer-form fused)")
         if session_config is not None and not (isinstance(session_config, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in session_config.items())):
             raise ValueError("session_config must map strings to strings")
@@ -185,12 +196,21 @@ class Runtime:
             want = ([i["name"] for i in e["inputs"]], [o["name"] for o in e["outputs"]])
             if got != want:
                 raise ExportError(f"{folder / e['file']}: graph IO {got} does not match the manifest {want}")
-        _check_kv_memory(model, max_batch, max_context)
+        _check_kv_memory(model, max_batch + (max_streams if max_streams > 1 else 0), max_context)
         state = c.State(model, max_batch)
+        scheduler = None
+        if max_streams > 1:
+            try:
+                scheduler = c.Scheduler(model, max_streams, queue_frames)
+            except RuntimeError as e:
+                raise ExportError(str(e)) from e
         from .tokenizer import Tokenizer
 
         tok = Tokenizer(folder / manifest.get("tokenizer", "tokenizer.json"))
-        return cls(folder, manifest, model, state, tok, device, threads, max_context, max_batch)
+        rt = cls(folder, manifest, model, state, tok, device, threads, max_context, max_batch)
+        rt.max_streams = max_streams
+        rt._scheduler = scheduler
+        return rt
 
     # ------------------------------------------------------------------------------------------------------
     def close(self, timeout: Optional[float] = None) -> None:
@@ -201,9 +221,11 @@ class Runtime:
             return
         self._closed = True
         self._state.close()  # cuts a Run in flight; later steps raise
+        if self._scheduler is not None:
+            self._scheduler.close()  # every live stream ends with an error in its consumer
         if self._stepping.acquire(timeout=-1 if timeout is None else timeout):
             self._stepping.release()
-        self._state = self._model = None
+        self._state = self._model = self._scheduler = None
         _LIVE.discard(self)
 
     @property
@@ -327,7 +349,62 @@ class Runtime:
         g.greedy = bool(params.greedy)
         g.return_hidden = bool(return_hidden)
         g.seed = int(params.manual_seed) if params.manual_seed is not None else int.from_bytes(os.urandom(8), "little")
+        if self._scheduler is not None and not text_mode:
+            return self._stream_rows(prompts, g, noise, params)
         return self._frames(g, text_mode)
+
+    def _submit_rows(self, prompts: list, g, noise, params) -> list:
+        """One scheduler stream per prompt row, with the row's share of the noise; returns their ids."""
+        c = core()
+        k = self.config["num_vq"]
+        ids = []
+        try:
+            for b, p in enumerate(prompts):
+                s = c.StreamSpec()
+                s.prompt_ids = [int(i) for i in p]
+                if g.speaker.size:
+                    E = self.config["hidden_size"]
+                    s.speaker = np.asarray(g.speaker).reshape(len(prompts), E)[b]
+                s.temperature = list(g.temperature)
+                s.repetition_penalty, s.top_p, s.top_k = g.repetition_penalty, g.top_p, g.top_k
+                s.max_new_token, s.min_new_token = g.max_new_token, g.min_new_token
+                s.greedy, s.return_hidden = g.greedy, g.return_hidden
+                s.seed = (g.seed + b) & (2**64 - 1)  # each row its own generator
+                timeout = getattr(params, "queue_timeout", None)
+                s.queue_timeout_s = -1.0 if timeout is None else float(timeout)
+                if noise is not None:
+                    s.noise = np.ascontiguousarray(noise[:, b * k:(b + 1) * k])
+                ids.append(self._scheduler.submit(s))
+        except BaseException:
+            for i in ids:
+                self._scheduler.cancel(i)
+            raise
+        return ids
+
+    def _stream_rows(self, prompts: list, g, noise, params) -> Iterator[Frame]:
+        scheduler = self._scheduler
+        ids = self._submit_rows(prompts, g, noise, params)
+        try:
+            live = dict(enumerate(ids))
+            while live:
+                got_any = False
+                for row, sid in list(live.items()):
+                    # Block (up to 50 ms, GIL released) only on the first stream when nothing came this round.
+                    p = scheduler.pull(sid, 0 if got_any or row != min(live) else 50)
+                    if p.count:
+                        got_any = True
+                        codes, hidden, steps = p.codes, p.hidden, p.steps
+                        for j in range(p.count):
+                            yield Frame(step=int(steps[j]), codes=codes[j], row=row,
+                                        hidden=None if hidden is None else hidden[j])
+                    if p.done:
+                        del live[row]
+                        if p.error:
+                            raise GenerationError(p.error)
+                        self.last_stop_reason = p.stop_reason
+        finally:
+            for sid in ids:
+                scheduler.cancel(sid)  # a no-op for streams that ended; frees the row of one that did not
 
     def _frames(self, g, text_mode: bool) -> Iterator[Frame]:
         if not self._busy.acquire(blocking=False):
@@ -393,6 +470,23 @@ class Runtime:
         temps = params.temperature if isinstance(params.temperature, (list, tuple)) else [params.temperature] * self.config["num_vq"]
         return self._run([list(map(int, p)) for p in prompts], text_mode=False, temperature=temps, params=params,
                          speaker=spk, noise=noise, return_hidden=params.return_hidden)
+
+    async def astream(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
+                      noise: Optional[np.ndarray] = None):
+        """stream() as an async iterator, for servers: each wait for frames runs in a worker thread, so the event
+        loop stays free. `async for frame in rt.astream("Hello."): ...`"""
+        import asyncio
+
+        frames = self.stream(text, params, speaker, noise)
+        done = object()
+        try:
+            while True:
+                frame = await asyncio.to_thread(next, frames, done)
+                if frame is done:
+                    break
+                yield frame
+        finally:
+            await asyncio.to_thread(frames.close)
 
     def generate(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
                  noise: Optional[np.ndarray] = None) -> Generation:

@@ -89,3 +89,41 @@ def test_bad_sources(tmp_path):
         load_manifest(tmp_path)
 
 
+
+
+def test_a_sample_head_of_the_older_form_still_runs(tiny_export, tmp_path):
+    """Exports made before per-row sampling (chattts-ort 0.1) carry a sample head that takes one penalty, top_p,
+    top_k and EOS gate for all rows: they still load and give the same tokens; several streams, which need
+    per-row values, are refused with the reason."""
+    import warnings
+
+    import torch
+
+    from chattts_ort import InferCodeParams, Runtime
+    from chattts_ort.export.blocks import SAMPLE_IO
+    from chattts_ort.export.sampling import SampleHead
+    from chattts_ort.format import graph_entry
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_export, old)
+    N, V = 8, 626
+    args = (torch.randn(N, V), torch.full((N,), 0.3), torch.tensor(1.05), torch.randint(0, V, (N, 16)),
+            torch.tensor(0.7), torch.tensor(20), torch.tensor(V - 1), torch.tensor(False), torch.ones(N, V))
+    names_in, names_out, axes = SAMPLE_IO
+    axes = {k: v for k, v in axes.items() if k not in ("penalty", "top_p", "top_k", "block_eos")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SampleHead(), args, str(old / "sample.onnx"), dynamo=False, opset_version=17,
+                          input_names=names_in, output_names=names_out, dynamic_axes=axes)
+    m = json.loads((old / "manifest.json").read_text())
+    m["graphs"]["sample"] = graph_entry(old, "sample.onnx")
+    assert m["graphs"]["sample"]["inputs"][2]["shape"] == []  # penalty: one value
+    (old / "manifest.json").write_text(json.dumps(m))
+    p = InferCodeParams(max_new_token=40, min_new_token=10, manual_seed=2)
+    a = Runtime.load(tiny_export, threads=1, max_context=128).generate(["hello world", "fast"], params=p)
+    b = Runtime.load(old, threads=1, max_context=128).generate(["hello world", "fast"], params=p)
+    for row in range(2):
+        assert np.array_equal(a.codes[row], b.codes[row])
+    if m["layer_form"] == "fused":
+        with pytest.raises(ExportError, match="per-row sample head"):
+            Runtime.load(old, threads=1, max_streams=2)
