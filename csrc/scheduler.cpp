@@ -302,44 +302,44 @@ void Scheduler::prefill(int64_t r, std::vector<Outcome>& out) {
   Row& row = rows_[size_t(r)];
   const int64_t T = int64_t(row.spec.prompt_ids.size()), E = m.hidden, D = m.head_dim, H = m.heads;
   const int64_t M = m.max_context;
-  grow(ids_, T * 4);
-  grow(pos_, T);
-  grow(text_mask_, T);
-  grow(h0_, T * E);
-  grow(h1_, T * E);
-  grow(rope_, T * D);
-  grow(bias_, T);
+  grow(p_ids_, T * 4);
+  grow(p_pos_, T);
+  grow(p_text_mask_, T);
+  grow(p_h0_, T * E);
+  grow(p_h1_, T * E);
+  grow(p_rope_, T * D);
+  grow(p_bias_, T);
+  grow(p_speaker_, E);
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < 4; ++c) ids_[size_t(t * 4 + c)] = row.spec.prompt_ids[size_t(t)];
-    pos_[size_t(t)] = t;
-    text_mask_[size_t(t)] = 1;
+    for (int64_t c = 0; c < 4; ++c) p_ids_[size_t(t * 4 + c)] = row.spec.prompt_ids[size_t(t)];
+    p_pos_[size_t(t)] = t;
+    p_text_mask_[size_t(t)] = 1;
   }
-  key_mask_[0] = 1;
+  int64_t one = 1;
   if (row.spec.speaker.empty())
-    std::fill(speaker_.begin(), speaker_.begin() + E, 0.0f);
+    std::fill(p_speaker_.begin(), p_speaker_.begin() + E, 0.0f);
   else
-    std::copy(row.spec.speaker.begin(), row.spec.speaker.end(), speaker_.begin());
-  p_embed_.BindInput("input_ids", view(ids_.data(), {1, T, 4}));
-  p_embed_.BindInput("text_mask", view(reinterpret_cast<bool*>(text_mask_.data()), {1, T}));
-  p_embed_.BindInput("speaker", view(speaker_.data(), {1, E}));
-  p_embed_.BindInput("position_ids", view(pos_.data(), {1, T}));
-  p_embed_.BindInput("key_mask", view(key_mask_.data(), {1, 1}));
-  p_embed_.BindOutput("hidden", view(h0_.data(), {1, T, E}));
-  p_embed_.BindOutput("cos", view(rope_.data(), {1, T, D}));
-  p_embed_.BindOutput("sin", view(rope_.data(), {1, T, D}));  // unused in the fused form: one scratch buffer
-  p_embed_.BindOutput("attn_bias", view(bias_.data(), {1, 1, T, 1}));
+    std::copy(row.spec.speaker.begin(), row.spec.speaker.end(), p_speaker_.begin());
+  p_embed_.BindInput("input_ids", view(p_ids_.data(), {1, T, 4}));
+  p_embed_.BindInput("text_mask", view(reinterpret_cast<bool*>(p_text_mask_.data()), {1, T}));
+  p_embed_.BindInput("speaker", view(p_speaker_.data(), {1, E}));
+  p_embed_.BindInput("position_ids", view(p_pos_.data(), {1, T}));
+  p_embed_.BindInput("key_mask", view(&one, {1, 1}));
+  p_embed_.BindOutput("hidden", view(p_h0_.data(), {1, T, E}));
+  p_embed_.BindOutput("cos", view(p_rope_.data(), {1, T, D}));
+  p_embed_.BindOutput("sin", view(p_rope_.data(), {1, T, D}));  // unused in the fused form: one scratch buffer
+  p_embed_.BindOutput("attn_bias", view(p_bias_.data(), {1, 1, T, 1}));
   model_->embed().run(run_opts_, p_embed_);
-  check_finite(h0_.data(), size_t(T * E), "embed", row);
-  seqlens_[0] = int32_t(T - 1);
-  int32_t total = int32_t(T);
+  check_finite(p_h0_.data(), size_t(T * E), "embed", row);
+  int32_t seqlen = int32_t(T - 1), total = int32_t(T);
   const auto kv_type = kv_.type();
-  Ort::Value sl = view(seqlens_.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {1});
+  Ort::Value sl = view(&seqlen, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {1});
   Ort::Value tot = view(&total, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, {});
   Ort::Value cosc = view(model_->cos_cache(), kv_type, {M, D / 2});
   Ort::Value sinc = view(model_->sin_cache(), kv_type, {M, D / 2});
   const int64_t slab = r * H * M * D;  // row r's [1, H, M, D] slab of the cache
-  float* cur = h0_.data();
-  float* nxt = h1_.data();
+  float* cur = p_h0_.data();
+  float* nxt = p_h1_.data();
   for (size_t l = 0; l < model_->num_layers(); ++l) {
     Ort::IoBinding& io = p_layers_[l];
     Ort::Value k = view(kv_.key(l, slab), kv_type, {1, H, M, D}), v = view(kv_.value(l, slab), kv_type, {1, H, M, D});

@@ -121,7 +121,8 @@ class Scheduler {
   SchedulerStats stats_;
   std::thread worker_;
 
-  // Worker-only buffers and bindings (prefill: one row; decode: rows [0, hi)).
+  // Worker-only buffers and bindings (prefill: one row; decode: rows [0, hi)). The prefill has buffers of its
+  // own, grown to the longest prompt: the decode bindings point into the decode buffers, which never move.
   Ort::IoBinding p_embed_{nullptr}, p_head_{nullptr}, p_sample_{nullptr};
   std::vector<Ort::IoBinding> p_layers_;
   Ort::IoBinding d_embed_{nullptr}, d_head_{nullptr}, d_sample_{nullptr};
@@ -131,9 +132,11 @@ class Scheduler {
   std::vector<uint8_t> text_mask_, block_eos_;
   std::vector<float> speaker_, h0_, h1_, rope_, bias_, logits_, last_hidden_, temperature_, penalty_, top_p_, noise_;
   std::vector<int32_t> seqlens_;
+  std::vector<int64_t> p_ids_, p_pos_;
+  std::vector<uint8_t> p_text_mask_;
+  std::vector<float> p_speaker_, p_h0_, p_h1_, p_rope_, p_bias_;
   int32_t total_len_ = 0;
   int64_t eos_id_ = 0;
-  float* out_ = nullptr;
 };
 
 }  // namespace chattts

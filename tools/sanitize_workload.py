@@ -74,6 +74,36 @@ def run(folder: Path) -> int:
     assert errors, "close did not end the stream"
     rt.close()
 
+    # Parallel streams (fused form): concurrent rows, long prompts growing the prefill buffers between decode
+    # steps, early breaks, a paused consumer, cancel at exit, close while streaming.
+    if rt.manifest["layer_form"] == "fused":
+        r3 = Runtime.load(folder, threads=2, max_context=300, max_streams=3, queue_frames=4)
+        outs = []
+
+        def worker(i):
+            text = "hello world " * (1 + 8 * i)
+            for j, f in enumerate(r3.stream(text, params=InferCodeParams(max_new_token=40 + 10 * i, manual_seed=i))):
+                if i == 4 and j == 3:
+                    break
+            outs.append(i)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        [t.start() for t in threads]
+        paused = r3.stream("paused consumer", params=InferCodeParams(max_new_token=50))
+        next(paused)
+        [t.join() for t in threads]
+        assert len(outs) == 6, outs
+        steps += r3._scheduler.stats()["steps"]
+        paused.close()
+        live = r3.stream("closed while streaming", params=InferCodeParams(max_new_token=200, min_new_token=200))
+        next(live)
+        r3.close()
+        try:
+            list(live)
+            raise AssertionError("a stream outlived close()")
+        except GenerationError:
+            pass
+
     # The core's own refusals (below the Python checks).
     c = core()
     spec = c.ModelSpec()
