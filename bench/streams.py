@@ -78,10 +78,47 @@ if mode == "batched" and N > 1:
     out["join_first_frame_ms"] = 1000 * (time.perf_counter() - t1)
     list(it)
     [t.join() for t in ts]
-import resource
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak.
+out["peak_rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps(out))
 """
+
+
+_IDENTITY = r"""
+import json, sys, threading
+import numpy as np
+from chattts_ort import InferCodeParams, Runtime
+args = json.loads(sys.argv[1])
+N, steps = args["n"], args["steps"]
+texts = ["hello world, this is stream %d" % i for i in range(N)]
+rng = np.random.default_rng(0)
+noise = [rng.exponential(size=(steps, 4, 626)).astype(np.float32) for _ in range(N)]
+out = {}
+for invariant in (False, True):
+    for temp in (0.05, 0.3):
+        p = InferCodeParams(max_new_token=steps, min_new_token=steps, temperature=temp)
+        rt = Runtime.load(args["export"], threads=args["threads"], max_context=512, max_streams=N,
+                          batch_invariant=invariant)
+        alone = [rt.generate(texts[i], params=p, noise=noise[i]).codes[0] for i in range(N)]
+        got = {}
+        ts = [threading.Thread(target=lambda i=i: got.__setitem__(i, rt.generate(texts[i], params=p, noise=noise[i]).codes[0]))
+              for i in range(N)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        rt.close()
+        same = sum(int((alone[i] == got[i]).all(axis=1).sum()) for i in range(N))
+        out[f"batch_invariant={invariant}, temperature={temp}"] = f"{same}/{N * steps}"
+print(json.dumps(out))
+"""
+
+
+def identity(export: str, n: int, steps: int, threads: int) -> dict:
+    """Frames of N concurrent streams identical to each stream run alone (same Runtime, same noise)."""
+    args = {"export": export, "n": n, "steps": steps, "threads": threads}
+    r = subprocess.run([sys.executable, "-c", _IDENTITY, json.dumps(args)], capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"identity check failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def probe(mode: str, export: str, n: int, frames: int, threads: int) -> dict:
@@ -126,11 +163,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["batched", "sequential", "separate"])
     ap.add_argument("--max-separate", type=int, default=8, help="largest N for N separate Runtimes (N weight copies)")
+    ap.add_argument("--identity", action="store_true",
+                    help="only check that 4 concurrent streams equal their solo runs (200 steps), per precision")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     stamp = datetime.now(timezone.utc)
     res = {"date": stamp.isoformat(timespec="seconds"), "machine": f"{cpu_name()}, {__import__('os').cpu_count()} cores",
            "model": args.model, "frames": args.frames, "threads": args.threads, "runs": []}
+    if args.identity:
+        for prec in args.precision:
+            got = identity(export_for(args.model, prec), 4, 200, args.threads)
+            print(f"{prec}: identical frames of 4 concurrent streams vs each alone: {got}", flush=True)
+        return 0
     for prec in args.precision:
         export = export_for(args.model, prec)
         for n in args.streams:

@@ -303,9 +303,11 @@ PYBIND11_MODULE(_core, m) {
       }, "float32 [frames, hidden] when the stream asked for it, else None");
 
   py::class_<Scheduler>(m, "Scheduler", "Many concurrent streams batched step by step over one Model.")
-      .def(py::init([](std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames) {
-             return without_gil([&] { return std::make_unique<Scheduler>(std::move(model), max_streams, queue_frames); });
-           }), py::arg("model"), py::arg("max_streams"), py::arg("queue_frames") = 256)
+      .def(py::init([](std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames, bool batch_invariant) {
+             return without_gil([&] {
+               return std::make_unique<Scheduler>(std::move(model), max_streams, queue_frames, batch_invariant);
+             });
+           }), py::arg("model"), py::arg("max_streams"), py::arg("queue_frames") = 256, py::arg("batch_invariant") = false)
       .def("submit", [](Scheduler& s, StreamSpec spec) { return without_gil([&] { return s.submit(std::move(spec)); }); },
            py::arg("spec"), "Queue a stream; returns its id (it waits for a free row, then runs).")
       .def("pull", [](Scheduler& s, int64_t id, int64_t max_wait_ms) {

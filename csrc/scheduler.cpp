@@ -18,8 +18,9 @@ using Clock = std::chrono::steady_clock;
 
 }  // namespace
 
-Scheduler::Scheduler(std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames)
+Scheduler::Scheduler(std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames, bool batch_invariant)
     : model_(std::move(model)), max_streams_(max_streams), queue_frames_(queue_frames),
+      min_rows_(batch_invariant ? std::min<int64_t>(2, max_streams) : 1),
       kv_(int64_t(model_->num_layers()), model_->spec().heads, model_->spec().head_dim, model_->spec().max_context,
           model_->spec().kv_fp16) {
   if (!model_->fused()) throw Error("several streams need the fused layer form (export --layer-form fused)");
@@ -371,6 +372,7 @@ void Scheduler::prefill(int64_t r, std::vector<Outcome>& out) {
 // of a slab the next prefill overwrites).
 void Scheduler::decode(const std::vector<int64_t>& runnable, int64_t hi, std::vector<Outcome>& out) {
   const ModelSpec& m = model_->spec();
+  hi = std::max(hi, min_rows_);
   const int64_t B = hi, E = m.hidden, D = m.head_dim, H = m.heads, M = m.max_context, k = m.num_vq;
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {

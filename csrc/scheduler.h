@@ -62,7 +62,11 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  Scheduler(std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames);
+  // batch_invariant: every decode step runs at least two rows. ONNX Runtime's 4-bit MatMulNBits kernel takes
+  // another path for a single row, whose results differ by ~1e-2; with two or more rows, a stream's codes are
+  // bit-identical whatever else runs (fp32 and int8 are identical either way). Costs one extra row when a
+  // stream runs alone.
+  Scheduler(std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames, bool batch_invariant = false);
   ~Scheduler();
 
   int64_t submit(StreamSpec spec);                 // returns the stream id; never blocks
@@ -107,7 +111,7 @@ class Scheduler {
   void finish(Stream& s, const std::string& reason, const std::string& error);
 
   std::shared_ptr<Model> model_;
-  int64_t max_streams_, queue_frames_;
+  int64_t max_streams_, queue_frames_, min_rows_;
   KVCache kv_;
   Ort::RunOptions run_opts_;
 

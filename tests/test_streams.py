@@ -243,3 +243,17 @@ def test_bad_use(fused):
         Runtime.load(portable, max_streams=2)
     with pytest.raises(ValueError, match="queue_timeout"):
         InferCodeParams(queue_timeout=-1).validate()
+
+
+def test_batch_invariant_streams_equal_their_solo_runs(fused):
+    """batch_invariant=True runs every decode step over at least two rows (ONNX Runtime's 4-bit MatMulNBits
+    computes a single row on another path); streams still equal their solo runs, and a lone stream too."""
+    r = Runtime.load(fused, threads=1, max_context=256, max_streams=3, batch_invariant=True)
+    alone = [r.generate(TEXTS[i], params=_params(i, 50)).codes[0] for i in range(3)]
+    got = {}
+    ts = [threading.Thread(target=lambda i=i: got.__setitem__(i, r.generate(TEXTS[i], params=_params(i, 50)).codes[0]))
+          for i in range(3)]
+    [t.start() for t in ts]
+    [t.join(60) for t in ts]
+    assert all(np.array_equal(alone[i], got[i]) for i in range(3))
+    r.close()

@@ -120,7 +120,8 @@ class Runtime:
     @classmethod
     def load(cls, export_dir, device: str = "cpu", threads: Optional[int] = None,
              max_context: Optional[int] = None, max_batch: int = 1, verify: bool = True,
-             session_config: Optional[dict] = None, max_streams: int = 1, queue_frames: int = 256) -> "Runtime":
+             session_config: Optional[dict] = None, max_streams: int = 1, queue_frames: int = 256,
+             batch_invariant: bool = False) -> "Runtime":
         """Load an export folder written by `chattts-ort export`.
 
         device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: the usable
@@ -134,6 +135,10 @@ class Runtime:
         `stream()` / `generate()` / `astream()` from any number of threads become rows of one step; past
         max_streams, callers wait in a FIFO (`InferCodeParams.queue_timeout`). queue_frames: frames each
         stream may have waiting for its consumer before its row pauses (256 = 5.5 s of audio).
+        batch_invariant: with max_streams > 1, run every decode step over at least two rows, so that at int4 a
+        stream's codes do not depend on how many others run (ONNX Runtime's 4-bit MatMulNBits takes another
+        path for a single row); fp32 and int8 streams are bit-identical either way. Costs one extra row when a
+        stream runs alone.
         """
         folder = Path(export_dir)
         manifest = open_export(folder, hashes=verify)
@@ -201,7 +206,7 @@ class Runtime:
         scheduler = None
         if max_streams > 1:
             try:
-                scheduler = c.Scheduler(model, max_streams, queue_frames)
+                scheduler = c.Scheduler(model, max_streams, queue_frames, bool(batch_invariant))
             except RuntimeError as e:
                 raise ExportError(str(e)) from e
         from .tokenizer import Tokenizer
