@@ -63,11 +63,58 @@ def _cmd_memory(args) -> int:
     return 0
 
 
+# The demo's default model runs at the fastest precision whose quantization report passes: greedy agreement
+# with fp32 over the report's 200 teacher-forced steps of at least this (the goal of the quantization issue).
+DEMO_AGREEMENT = 0.95
+
+
+def demo_model(kind: str = "full", progress: bool = True):
+    """(export folder, why this precision) for the default model: int4 if its quantization report passes,
+    else int8, else fp32. Exports, quantizes and writes each report once (cached beside the fp32 export)."""
+    import json
+
+    from .checks.verify import verify_export
+    from .export.exporter import default_export
+    from .export.quantize import quantize_export
+
+    fp32 = default_export(kind, progress=progress)
+    failed = []
+    for prec in ("int4", "int8"):
+        path = fp32.parent / f"{fp32.name}-{prec}"
+        if not (path / "manifest.json").is_file():
+            if progress:
+                print(f"first use: quantizing the default model to {prec} ...", flush=True)
+            quantize_export(fp32, path, plan=prec, force=True, progress=False)
+        report = path / "verify.json"
+        saved = json.loads(report.read_text()) if report.is_file() else {}
+        if saved.get("against") != str(fp32) or saved.get("chain", {}).get("steps") != 200:
+            if progress:
+                print(f"first use: checking {prec} against fp32 (the quantization report) ...", flush=True)
+            verify_export(path, against=fp32, steps=200)
+            saved = json.loads(report.read_text())
+        agreement = saved["chain"]["agreement"]
+        if agreement >= DEMO_AGREEMENT:
+            why = (f"precision {prec}: the fastest that passes the quantization report (greedy agreement with fp32 "
+                   f"{100 * agreement:.1f}% >= {100 * DEMO_AGREEMENT:.0f}%"
+                   + (f"; {', '.join(failed)}" if failed else "") + ")")
+            return path, why
+        failed.append(f"{prec} {100 * agreement:.1f}% does not")
+    return fp32, f"precision fp32: no quantized precision passes the quantization report ({', '.join(failed)})"
+
+
 def _cmd_demo(args) -> int:
     from . import InferCodeParams, Runtime
-    from .export.exporter import default_export
 
-    folder = args.model or default_export(progress=True)
+    if args.model:
+        folder, why = args.model, ""
+    else:
+        folder, why = demo_model(progress=True)
+        print(why)
+        if args.min_frames is None:
+            # The random default model ends at random; a floor shows the steady speed.
+            args.min_frames = min(150, args.frames)
+            print(f"the default model has random weights: at least {args.min_frames} frames (--min-frames)")
+    args.min_frames = args.min_frames or 0
     t_load = time.perf_counter()
     rt = Runtime.load(folder, device=args.device, threads=args.threads)
     t_load = time.perf_counter() - t_load
@@ -165,12 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_memory)
 
     s = sub.add_parser("demo", aliases=["say"], help="stream frames for a sentence and print the speed")
-    s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a C++ core.")
+    s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a native core.")
     s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=_positive_int, default=None)
     s.add_argument("--frames", type=_positive_int, default=300, help="max_new_token")
-    s.add_argument("--min-frames", type=int, default=0, help="min_new_token")
+    s.add_argument("--min-frames", type=int, default=None,
+                   help="min_new_token (default 0; 150 with the random default model)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_demo)
 
