@@ -479,7 +479,8 @@ void Scheduler::sample_rows(const std::vector<int64_t>& rows, int64_t n_rows, bo
   for (int64_t r : rows) {
     Row& row = rows_[size_t(r)];
     const int64_t b = prefill ? 0 : r;
-    Outcome o{r};
+    Outcome o;
+    o.row = r;
     bool eos = false;
     for (int64_t i = 0; i < k; ++i) {
       const int64_t id = next_ids_[size_t(b * k + i)];

@@ -95,7 +95,7 @@ class Scheduler {
   };
   // What a step produced for one row (handed to the stream's queue under the lock).
   struct Outcome {
-    int64_t row;
+    int64_t row = -1;
     bool has_frame = false;
     StreamFrame frame;
     bool done = false;

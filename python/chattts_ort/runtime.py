@@ -324,7 +324,8 @@ class Runtime:
         if T >= self.max_context:
             raise ValueError(f"prompt has {T} tokens; it must be shorter than max_context={self.max_context} "
                              "(pass a larger max_context to Runtime.load)")
-        if B > self._state.kv_rows:
+        by_rows = self._scheduler is not None and not text_mode  # one scheduler stream per row
+        if not by_rows and B > self._state.kv_rows:
             _check_kv_memory(self._model, B, self.max_context, have_rows=self._state.kv_rows)
         k = 1 if text_mode else self.config["num_vq"]
         V = self.config["num_text_tokens"] if text_mode else self.config["num_audio_tokens"]
@@ -354,7 +355,7 @@ class Runtime:
         g.greedy = bool(params.greedy)
         g.return_hidden = bool(return_hidden)
         g.seed = int(params.manual_seed) if params.manual_seed is not None else int.from_bytes(os.urandom(8), "little")
-        if self._scheduler is not None and not text_mode:
+        if by_rows:
             return self._stream_rows(prompts, g, noise, params)
         return self._frames(g, text_mode)
 
