@@ -46,6 +46,21 @@ std::string layer_block_name(size_t i) {
   return buf;
 }
 
+void bind_fused_layer(Ort::IoBinding& io, const Ort::Value& hidden, const Ort::Value& hidden_out,
+                      const Ort::Value& kv_key, const Ort::Value& kv_value, const Ort::Value& seqlens_k,
+                      const Ort::Value& total_len, const Ort::Value& cos_cache, const Ort::Value& sin_cache) {
+  io.BindInput("hidden", hidden);
+  io.BindInput("past_key", kv_key);
+  io.BindInput("past_value", kv_value);
+  io.BindInput("seqlens_k", seqlens_k);
+  io.BindInput("total_sequence_length", total_len);
+  io.BindInput("cos_cache", cos_cache);
+  io.BindInput("sin_cache", sin_cache);
+  io.BindOutput("hidden_out", hidden_out);
+  io.BindOutput("present_key", kv_key);
+  io.BindOutput("present_value", kv_value);
+}
+
 void Model::check_block(const Session& s, const std::string& name, const std::vector<std::string>& ins,
                         const std::vector<std::string>& outs) const {
   if (!s.block_tag().empty() && s.block_tag() != name)

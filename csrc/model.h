@@ -31,6 +31,12 @@ struct ModelSpec {
 // Block names, as in the manifest (python/chattts_ort/format.py).
 std::string layer_block_name(size_t i);
 
+// Binds a fused layer: hidden in and out, and the KV buffer as both past and present (GroupQueryAttention
+// appends the new positions in place), with the per-row lengths and the rotary tables.
+void bind_fused_layer(Ort::IoBinding& io, const Ort::Value& hidden, const Ort::Value& hidden_out,
+                      const Ort::Value& kv_key, const Ort::Value& kv_value, const Ort::Value& seqlens_k,
+                      const Ort::Value& total_len, const Ort::Value& cos_cache, const Ort::Value& sin_cache);
+
 class Model {
  public:
   explicit Model(const ModelSpec& spec);

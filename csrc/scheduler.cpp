@@ -7,16 +7,8 @@
 #include <cstdio>
 
 namespace chattts {
-namespace {
-
-template <typename T>
-void grow(std::vector<T>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
-}
 
 using Clock = std::chrono::steady_clock;
-
-}  // namespace
 
 Scheduler::Scheduler(std::shared_ptr<Model> model, int64_t max_streams, int64_t queue_frames, bool batch_invariant)
     : model_(std::move(model)), max_streams_(max_streams), queue_frames_(queue_frames),
@@ -343,17 +335,8 @@ void Scheduler::prefill(int64_t r, std::vector<Outcome>& out) {
   float* nxt = p_h1_.data();
   for (size_t l = 0; l < model_->num_layers(); ++l) {
     Ort::IoBinding& io = p_layers_[l];
-    Ort::Value k = view(kv_.key(l, slab), kv_type, {1, H, M, D}), v = view(kv_.value(l, slab), kv_type, {1, H, M, D});
-    io.BindInput("hidden", view(cur, {1, T, E}));
-    io.BindInput("past_key", k);
-    io.BindInput("past_value", v);
-    io.BindInput("seqlens_k", sl);
-    io.BindInput("total_sequence_length", tot);
-    io.BindInput("cos_cache", cosc);
-    io.BindInput("sin_cache", sinc);
-    io.BindOutput("hidden_out", view(nxt, {1, T, E}));
-    io.BindOutput("present_key", k);
-    io.BindOutput("present_value", v);
+    bind_fused_layer(io, view(cur, {1, T, E}), view(nxt, {1, T, E}), view(kv_.key(l, slab), kv_type, {1, H, M, D}),
+                     view(kv_.value(l, slab), kv_type, {1, H, M, D}), sl, tot, cosc, sinc);
     model_->layer(l).run(run_opts_, io);
     std::swap(cur, nxt);
     check_finite(cur, size_t(T * E), layer_block_name(l), row);
@@ -405,18 +388,8 @@ void Scheduler::decode(const std::vector<int64_t>& runnable, int64_t hi, std::ve
     float* a = h0_.data();
     float* b = h1_.data();
     for (size_t l = 0; l < model_->num_layers(); ++l) {
-      Ort::IoBinding& io = d_layers_[l];
-      Ort::Value kk = view(kv_.key(l), kv_type, {B, H, M, D}), vv = view(kv_.value(l), kv_type, {B, H, M, D});
-      io.BindInput("hidden", view(a, {B, 1, E}));
-      io.BindInput("past_key", kk);
-      io.BindInput("past_value", vv);
-      io.BindInput("seqlens_k", sl);
-      io.BindInput("total_sequence_length", tot);
-      io.BindInput("cos_cache", cosc);
-      io.BindInput("sin_cache", sinc);
-      io.BindOutput("hidden_out", view(b, {B, 1, E}));
-      io.BindOutput("present_key", kk);
-      io.BindOutput("present_value", vv);
+      bind_fused_layer(d_layers_[l], view(a, {B, 1, E}), view(b, {B, 1, E}), view(kv_.key(l), kv_type, {B, H, M, D}),
+                       view(kv_.value(l), kv_type, {B, H, M, D}), sl, tot, cosc, sinc);
       std::swap(a, b);
     }
     d_head_.BindInput("hidden", view(a, {B, 1, E}));

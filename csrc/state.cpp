@@ -10,11 +10,6 @@
 namespace chattts {
 namespace {
 
-template <typename T>
-void grow(std::vector<T>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
-}
-
 using Clock = std::chrono::steady_clock;
 inline double ms_since(Clock::time_point& t) {
   auto now = Clock::now();
@@ -197,19 +192,8 @@ void State::run_layers(int64_t S, int64_t P, bool bind) {
       float* a = cur;
       float* b = nxt;
       for (size_t l = 0; l < model_->num_layers(); ++l) {
-        Ort::IoBinding& io = layer_b_[l];
-        // Past and present are the same buffer: GroupQueryAttention appends in place.
-        Ort::Value k = view(kv_.key(l), kv_type, {B, H, M, D}), v = view(kv_.value(l), kv_type, {B, H, M, D});
-        io.BindInput("hidden", view(a, {B, S, E}));
-        io.BindInput("past_key", k);
-        io.BindInput("past_value", v);
-        io.BindInput("seqlens_k", seqlens);
-        io.BindInput("total_sequence_length", total);
-        io.BindInput("cos_cache", cosc);
-        io.BindInput("sin_cache", sinc);
-        io.BindOutput("hidden_out", view(b, {B, S, E}));
-        io.BindOutput("present_key", k);
-        io.BindOutput("present_value", v);
+        bind_fused_layer(layer_b_[l], view(a, {B, S, E}), view(b, {B, S, E}), view(kv_.key(l), kv_type, {B, H, M, D}),
+                         view(kv_.value(l), kv_type, {B, H, M, D}), seqlens, total, cosc, sinc);
         std::swap(a, b);
       }
     }

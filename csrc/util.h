@@ -9,6 +9,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 namespace chattts {
 
@@ -21,6 +22,12 @@ inline int64_t checked_product(std::initializer_list<int64_t> xs, const char* wh
       throw Error(std::string("size of ") + what + " overflows (a batch, context or prompt far too large)");
   }
   return r;
+}
+
+// Work buffers only grow (to the largest batch or prompt seen); a step never allocates.
+template <typename T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
 }
 
 // True when no value is NaN or +-inf. Tests the exponent bits with integer operations, which the compiler
