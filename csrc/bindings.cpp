@@ -145,6 +145,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("runtime_library_path", &runtime_library_path);
   m.def("runtime_version", &runtime_version, "Version string of the loaded ONNX Runtime.");
   m.def("available_providers", &available_providers, "Execution providers of the loaded ONNX Runtime.");
+  m.def("set_spinning", &set_spinning, py::arg("on"),
+        "Spin (True) or sleep (False) between Runs; only before the first session of the process.");
+  m.def("spinning", &spinning, "Whether the process-wide thread pool spins.");
+  m.def("env_created", &env_created, "Whether the process-wide ONNX Runtime Env (and its thread pool) exists.");
   m.attr("ORT_API_VERSION") = ORT_API_VERSION;
 
   py::class_<Session>(m, "Session", "One ONNX graph; run() binds caller-owned numpy buffers with IO binding.")

@@ -14,6 +14,7 @@ void* g_handle = nullptr;
 const OrtApiBase* g_base = nullptr;
 std::string g_path;
 std::unique_ptr<Ort::Env> g_env;
+bool g_spin = true;
 
 void require_ready() {
   if (!g_base) throw Error("ONNX Runtime is not loaded: call chattts_ort._core.init_runtime(path) first");
@@ -77,11 +78,27 @@ Ort::Env& env(int threads) {
     Ort::ThreadingOptions tp;
     tp.SetGlobalIntraOpNumThreads(threads > 0 ? threads : 0);
     tp.SetGlobalInterOpNumThreads(1);
-    // Spinning keeps a worker hot between the short back-to-back Runs of one decode step.
-    tp.SetGlobalSpinControl(1);
+    // Spinning keeps a worker hot between the short back-to-back Runs of one decode step; under load it burns
+    // the cores other processes need (see set_spinning).
+    tp.SetGlobalSpinControl(g_spin ? 1 : 0);
     g_env = std::make_unique<Ort::Env>(tp, ORT_LOGGING_LEVEL_ERROR, "chattts-ort");
   }
   return *g_env;
+}
+
+void set_spinning(bool on) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_env) g_spin = on;
+}
+
+bool spinning() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_spin;
+}
+
+bool env_created() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_env != nullptr;
 }
 
 Ort::SessionOptions make_session_options(const std::string& device, int threads,

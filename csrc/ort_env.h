@@ -32,6 +32,13 @@ std::vector<std::string> available_providers();
 constexpr int kMaxThreads = 1024;
 Ort::Env& env(int threads);
 
+// Whether the pool's threads spin between the short back-to-back Runs of a step (fast on an idle machine) or
+// sleep (steadier when other processes want the cores). Like the thread count, fixed when the Env is created:
+// set it before the first session; spinning() says what the Env uses.
+void set_spinning(bool on);
+bool spinning();
+bool env_created();
+
 // Session options every session of ours uses: global threads, full graph optimisation, and the
 // execution provider ("cpu" or "cuda[:N]").
 // `config` holds extra ONNX Runtime session config entries (key, value), e.g. session.disable_prepacking.

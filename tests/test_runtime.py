@@ -179,3 +179,37 @@ def test_demo_cli(tiny_export, capsys):
                  "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "20 frames" in out and "real-time factor" in out and "time to first frame" in out
+
+
+def test_spin_policy(tiny_export):
+    """Spinning is chosen once per process (the thread pool is process-wide): explicit values are checked, and
+    the automatic choice reads how busy the other processes keep the CPUs."""
+    from chattts_ort.runtime import cpu_busy_fraction
+
+    busy = cpu_busy_fraction(0.05)
+    assert busy is None or 0.0 <= busy <= 1.0
+    with pytest.raises(ValueError, match="spin"):
+        Runtime.load(tiny_export, threads=1, spin="yes")
+    r = Runtime.load(tiny_export, threads=1, spin=False)
+    assert isinstance(r.spinning, bool)  # the first Runtime of the process fixed it (spin=False if it was this one)
+    assert r.generate("hi", params=InferCodeParams(max_new_token=3, min_new_token=3)).codes[0].shape == (3, 4)
+    r.close()
+
+
+_SPIN_PROBE = r"""
+import sys
+from chattts_ort import Runtime
+rt = Runtime.load(sys.argv[1], threads=1, spin=sys.argv[2] == "on")
+print(rt.spinning)
+"""
+
+
+@pytest.mark.parametrize("want", ["on", "off"])
+def test_spin_choice_reaches_the_thread_pool(tiny_export, want):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _SPIN_PROBE, str(tiny_export), want], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.strip() == ("True" if want == "on" else "False")
