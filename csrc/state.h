@@ -85,7 +85,7 @@ class State {
   std::vector<Ort::IoBinding> layer_b_;
 
   // Per-step work buffers, sized for the largest batch and prompt seen.
-  std::vector<int64_t> ids_, pos_, key_mask_, key_valid_, history_, next_ids_, prompt_ids_, prompt_mask_;
+  std::vector<int64_t> ids_, pos_, key_mask_, key_valid_, history_, next_ids_;
   std::vector<uint8_t> text_mask_;
   std::vector<float> speaker_, h0_, h1_, cos_, sin_, bias_, logits_, last_hidden_, gather_;
   std::vector<float> temperature_, noise_;

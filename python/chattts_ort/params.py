@@ -78,12 +78,15 @@ def _check_real(name: str, v) -> None:
         raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}] (as float32), got {v!r}")
 
 
+def check_int(name: str, v, lo: int, hi: int) -> int:
+    """v as an int if it is an integer (Python or numpy, not bool) in [lo, hi]; else ValueError naming it."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or not lo <= int(v) <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
 def _check_int(name: str, v) -> None:
-    lo, hi = RANGES[name]
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-    if not lo <= int(v) <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    check_int(name, v, *RANGES[name])
 
 
 @dataclass

@@ -22,7 +22,8 @@ import numpy as np
 from ._native import core
 from .errors import ExportError, GenerationError
 from .format import graph_path, iter_graphs, open_export
-from .params import InferCodeParams, RefineTextParams, build_prompt_code, build_prompt_refine, strip_tags
+from .params import (InferCodeParams, RefineTextParams, build_prompt_code, build_prompt_refine, check_int,
+                     strip_tags)
 
 SpeakerLike = Union[None, str, np.ndarray, Sequence[float]]
 
@@ -92,12 +93,6 @@ def cpu_busy_fraction(seconds: float = 0.2) -> Optional[float]:
 # busy process beside it 16.4 vs 11.9, p99 31 vs 18; two, 22.8 vs 14.1): the automatic choice spins only when
 # the others keep less than this share of the CPUs busy at load time.
 SPIN_BELOW_BUSY = 0.25
-
-
-def _check_int(name: str, v, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= int(v) <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-    return int(v)
 
 
 # Runtimes that may have a generation in flight, so the interpreter can stop them before it exits.
@@ -183,10 +178,10 @@ class Runtime:
         positions = int(cfg["max_position_embeddings"])
         if max_context is None:
             max_context = min(2048, positions)
-        max_context = _check_int("max_context", max_context, 2, positions)
-        max_batch = _check_int("max_batch", max_batch, 1, 4096)
-        max_streams = _check_int("max_streams", max_streams, 1, 4096)
-        queue_frames = _check_int("queue_frames", queue_frames, 1, 1 << 20)
+        max_context = check_int("max_context", max_context, 2, positions)
+        max_batch = check_int("max_batch", max_batch, 1, 4096)
+        max_streams = check_int("max_streams", max_streams, 1, 4096)
+        queue_frames = check_int("queue_frames", queue_frames, 1, 1 << 20)
         if max_streams > 1 and manifest.get("layer_form") != "fused":
             raise ValueError("max_streams > 1 needs an export of the fused layer form (export --layer-form fused)")
         if session_config is not None and not (isinstance(session_config, dict) and all(
