@@ -1,5 +1,5 @@
 # Two commands for a newcomer on a fresh machine (Python >= 3.10, a C++ compiler, CMake):
-#   make demo    set everything up (once) and stream frames from the default model
+#   make demo    set everything up (once) and speak a sentence with the default model (demo.wav)
 #   make test    set everything up (once) and run the tests
 # The environment is .venv (created when missing, refreshed when the build files change).
 
@@ -16,17 +16,18 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	# The CPU torch wheel (export and the PyTorch reference only); other versions download gigabytes.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test,export,bench]"
-	# Optional: ChatTTS 0.2.5 itself for the parity test against its own GPT.generate (without its audio
-	# dependencies, which do not install beside the CPU torch); the test skips with the reason if it is absent.
-	$(BIN)/python -m pip install -q requests && $(BIN)/python -m pip install -q --no-deps chattts==0.2.5 \
-	  || echo "chattts 0.2.5 not installed: tests/checks/test_chattts_parity.py will skip"
+	# Optional: ChatTTS 0.2.5 and vocos 0.1.0 themselves, the references of the parity tests (its GPT.generate,
+	# its Decoder, vocos's vocoder), without their dependencies: torchaudio has no build for this torch. The
+	# tests skip with the reason if they are absent.
+	$(BIN)/python -m pip install -q requests && $(BIN)/python -m pip install -q --no-deps chattts==0.2.5 vocos==0.1.0 \
+	  || echo "chattts 0.2.5 / vocos 0.1.0 not installed: the parity tests against them will skip"
 	$(BIN)/python -c "import chattts_ort, chattts_ort._core; print('chattts_ort', chattts_ort.__version__)"
 	touch $@
 
 env: $(STAMP)
 
 demo: env
-	$(BIN)/chattts-ort demo
+	$(BIN)/chattts-ort say -o demo.wav
 
 test: env
 	$(BIN)/python -m pytest -q -ra tests

@@ -10,6 +10,7 @@
 #include <future>
 #include <thread>
 
+#include "audio.h"
 #include "model.h"
 #include "scheduler.h"
 #include "session.h"
@@ -324,6 +325,56 @@ PYBIND11_MODULE(_core, m) {
              py::dict d;
              d["rows"] = st.rows; d["active"] = st.active; d["waiting"] = st.waiting;
              d["steps"] = st.steps; d["frames"] = st.frames; d["prefills"] = st.prefills;
+             return d;
+           });
+
+  py::class_<AudioSpec>(m, "AudioSpec", "What AudioEngine loads: the streaming audio graphs and their sizes.")
+      .def(py::init<>())
+      .def_readwrite("step", &AudioSpec::step)
+      .def_readwrite("flush", &AudioSpec::flush)
+      .def_readwrite("hidden", &AudioSpec::hidden)
+      .def_readwrite("state_size", &AudioSpec::state_size)
+      .def_readwrite("flush_samples", &AudioSpec::flush_samples)
+      .def_readwrite("samples_per_frame", &AudioSpec::samples_per_frame)
+      .def_readwrite("hop", &AudioSpec::hop)
+      .def_readwrite("exact_lookahead", &AudioSpec::exact_lookahead)
+      .def_readwrite("max_chunk", &AudioSpec::max_chunk)
+      .def_readwrite("device", &AudioSpec::device)
+      .def_readwrite("threads", &AudioSpec::threads)
+      .def_readwrite("own_threads", &AudioSpec::own_threads)
+      .def_readwrite("session_config", &AudioSpec::session_config);
+
+  py::class_<AudioEngine>(m, "AudioEngine", "GPT hidden states in, samples out, for any number of streams.")
+      .def(py::init([](const AudioSpec& spec) {
+             return without_gil([&] { return std::make_unique<AudioEngine>(spec); });
+           }), py::arg("spec"))
+      .def("io", [](AudioEngine& e, const std::string& block) {
+             const Session& s = block == "audio_step" ? e.step_session() : block == "audio_flush" ? e.flush_session()
+                 : throw py::key_error("no audio block '" + block + "'");
+             return py::make_tuple(describe(s.inputs()), describe(s.outputs()));
+           }, py::arg("block"))
+      .def("open", [](AudioEngine& e, int64_t lookahead, int64_t chunk) { return e.open(lookahead, chunk); },
+           py::arg("lookahead"), py::arg("chunk"), "A new stream; returns its id.")
+      .def("push", [](AudioEngine& e, int64_t id, const FloatArray& frames) {
+             if (frames.ndim() != 2 || frames.shape(1) != e.spec().hidden)
+               throw py::value_error("frames must be [n, " + std::to_string(e.spec().hidden) + "] float32");
+             without_gil([&] { e.push(id, frames.data(), frames.shape(0)); return 0; });
+           }, py::arg("id"), py::arg("frames"))
+      .def("finish", [](AudioEngine& e, int64_t id) { without_gil([&] { e.finish(id); return 0; }); }, py::arg("id"))
+      .def("pull", [](AudioEngine& e, int64_t id, int64_t max_wait_ms) {
+             AudioPulled p = without_gil([&] { return e.pull(id, max_wait_ms); });
+             py::array_t<float> a(int64_t(p.samples.size()));
+             std::copy(p.samples.begin(), p.samples.end(), a.mutable_data());
+             return py::make_tuple(a, p.first, p.done, p.error);
+           }, py::arg("id"), py::arg("max_wait_ms") = 50,
+           "(samples float32 [n], index of the first, done, error) since the last pull.")
+      .def("cancel", [](AudioEngine& e, int64_t id) { without_gil([&] { e.cancel(id); return 0; }); }, py::arg("id"))
+      .def("close", [](AudioEngine& e) { without_gil([&] { e.close(); return 0; }); })
+      .def("stats", [](AudioEngine& e) {
+             AudioStats st = without_gil([&] { return e.stats(); });
+             py::dict d;
+             d["steps"] = st.steps; d["flushes"] = st.flushes; d["frames"] = st.frames; d["samples"] = st.samples;
+             d["step_ms"] = st.step_ms; d["flush_ms"] = st.flush_ms;
              return d;
            });
 }

@@ -102,11 +102,19 @@ bool env_created() {
 }
 
 Ort::SessionOptions make_session_options(const std::string& device, int threads,
-                                         const std::vector<std::pair<std::string, std::string>>& config) {
+                                         const std::vector<std::pair<std::string, std::string>>& config,
+                                         int own_threads) {
   env(threads);
   Ort::SessionOptions so;
   for (auto& kv : config) so.AddConfigEntry(kv.first.c_str(), kv.second.c_str());
-  so.DisablePerSessionThreads();
+  if (own_threads > 0) {
+    if (own_threads > kMaxThreads) throw Error("own_threads must be at most " + std::to_string(kMaxThreads));
+    so.SetIntraOpNumThreads(own_threads);
+    so.SetInterOpNumThreads(1);
+    so.AddConfigEntry("session.intra_op.allow_spinning", "0");
+  } else {
+    so.DisablePerSessionThreads();
+  }
   so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
   so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
   if (device.rfind("cuda", 0) == 0) {

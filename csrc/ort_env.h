@@ -42,7 +42,10 @@ bool env_created();
 // Session options every session of ours uses: global threads, full graph optimisation, and the
 // execution provider ("cpu" or "cuda[:N]").
 // `config` holds extra ONNX Runtime session config entries (key, value), e.g. session.disable_prepacking.
+// own_threads > 0: the session gets its own intra-op pool of that many threads instead of the global one, and
+// they never spin (1 = the calling thread alone: the audio path, which runs beside the GPT's pool).
 Ort::SessionOptions make_session_options(const std::string& device, int threads,
-                                         const std::vector<std::pair<std::string, std::string>>& config = {});
+                                         const std::vector<std::pair<std::string, std::string>>& config = {},
+                                         int own_threads = 0);
 
 }  // namespace chattts

@@ -84,13 +84,15 @@ static std::vector<TensorInfo> describe(Ort::Session& s, bool inputs) {
 }
 
 Session::Session(const std::string& path, const std::string& device, int threads,
-                 const std::vector<std::pair<std::string, std::string>>& config)
+                 const std::vector<std::pair<std::string, std::string>>& config, int own_threads)
     : path_(path) {
   try {
-    Ort::SessionOptions so = make_session_options(device, threads, config);
+    Ort::SessionOptions so = make_session_options(device, threads, config, own_threads);
     session_ = Ort::Session(env(threads), path.c_str(), so);
     inputs_ = describe(session_, true);
     outputs_ = describe(session_, false);
+    for (auto& t : inputs_) in_names_.push_back(t.name.c_str());
+    for (auto& t : outputs_) out_names_.push_back(t.name.c_str());
     Ort::AllocatorWithDefaultOptions alloc;
     Ort::ModelMetadata meta = session_.GetModelMetadata();
     Ort::AllocatedStringPtr tag = meta.LookupCustomMetadataMapAllocated("chattts_ort.block", alloc);
@@ -99,6 +101,18 @@ Session::Session(const std::string& path, const std::string& device, int threads
     throw Error("cannot load ONNX graph " + path + ": " + e.what());
   }
   release_freed_heap();
+}
+
+void Session::run(const Ort::RunOptions& opts, const Ort::Value* in, size_t n_in, Ort::Value* out, size_t n_out) {
+  if (n_in != in_names_.size() || n_out != out_names_.size())
+    throw Error("running " + path_ + ": " + std::to_string(n_in) + " inputs and " + std::to_string(n_out) +
+                " outputs given, the graph has " + std::to_string(in_names_.size()) + " and " +
+                std::to_string(out_names_.size()));
+  try {
+    session_.Run(opts, in_names_.data(), in, n_in, out_names_.data(), out, n_out);
+  } catch (const Ort::Exception& e) {
+    throw Error("running " + path_ + " failed: " + e.what());
+  }
 }
 
 void Session::run(const Ort::RunOptions& opts, const Ort::IoBinding& binding) {

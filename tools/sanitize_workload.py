@@ -104,6 +104,56 @@ def run(folder: Path) -> int:
         except GenerationError:
             pass
 
+    # The audio engine: streams at the exact and a short lookahead, a batch, an early break, concurrent streams,
+    # close while a stream speaks, and its own refusals.
+    if rt.manifest.get("audio"):
+        ra = Runtime.load(folder, threads=2, max_context=300, max_streams=2 if rt.manifest["layer_form"] == "fused" else 1)
+        pa = InferCodeParams(max_new_token=70, min_new_token=70, manual_seed=3)
+        n = sum(len(ch.samples) for ch in ra.stream_audio("hello audio", params=pa))
+        assert n == 512 * 70 - 256, n
+        n = sum(len(ch.samples) for ch in ra.stream_audio(["a batch", "of two"], params=pa, lookahead=8, chunk_frames=3))
+        assert n == 2 * (512 * 70 - 256), n
+        for i, _ in enumerate(ra.stream_audio("early break", params=pa, lookahead=0, chunk_frames=1)):
+            if i == 2:
+                break
+        if ra.max_streams > 1:
+            got = []
+            ts = [threading.Thread(target=lambda i=i: got.append(ra.synthesize("concurrent %d" % i, params=pa)[0].size))
+                  for i in range(2)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+            assert got == [512 * 70 - 256] * 2, got
+        eng = ra._audio
+        for bad in ((-1, 4), (53, 4), (8, 0), (8, 10**6)):
+            try:
+                eng.open(*bad)
+                raise AssertionError(f"the audio engine accepted {bad}")
+            except RuntimeError:
+                pass
+        sid = eng.open(52, 4)
+        for bad in (np.full((2, 64), np.nan, np.float32),):
+            try:
+                eng.push(sid, bad)
+                raise AssertionError("non-finite frames were accepted")
+            except RuntimeError:
+                pass
+        eng.push(sid, np.zeros((5, 64), np.float32))
+        eng.finish(sid)
+        try:
+            eng.push(sid, np.zeros((1, 64), np.float32))
+            raise AssertionError("frames after finish were accepted")
+        except RuntimeError:
+            pass
+        eng.cancel(sid)
+        live = ra.stream_audio("closed while speaking", params=InferCodeParams(max_new_token=200, min_new_token=200))
+        next(live)
+        ra.close()
+        try:
+            list(live)
+            raise AssertionError("an audio stream outlived close()")
+        except GenerationError:
+            pass
+
     # The core's own refusals (below the Python checks).
     c = core()
     spec = c.ModelSpec()

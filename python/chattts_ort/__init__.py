@@ -11,12 +11,12 @@ from .errors import AssetError, ChatTTSOrtError, ExportError, GenerationError, Q
 from .params import InferCodeParams, RefineTextParams  # noqa: E402
 from . import speaker  # noqa: E402,F401  (spk_emb strings: encode / decode / random_speaker)
 
-__all__ = ["Runtime", "Frame", "Generation", "InferCodeParams", "RefineTextParams", "ChatTTSOrtError",
+__all__ = ["Runtime", "Frame", "Generation", "AudioChunk", "InferCodeParams", "RefineTextParams", "ChatTTSOrtError",
            "AssetError", "ExportError", "GenerationError", "QuantizeError", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("Runtime", "Frame", "Generation"):
+    if name in ("Runtime", "Frame", "Generation", "AudioChunk"):
         from . import runtime
 
         return getattr(runtime, name)

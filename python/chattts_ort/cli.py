@@ -1,10 +1,11 @@
-"""`chattts-ort` command line: export, verify, quantize, memory, demo, bench, info."""
+"""`chattts-ort` command line: say, export, verify, quantize, memory, demo, bench, info."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -144,6 +145,97 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _voice(spec: str, dim: int):
+    """--voice: 'seed:N' (a seeded random speaker), a file holding a spk_emb string or an .npy of values, or a
+    spk_emb string itself."""
+    import numpy as np
+
+    from .speaker import random_speaker
+
+    if spec is None:
+        return None
+    if spec.startswith("seed:"):
+        return random_speaker(seed=int(spec[5:]), dim=dim)
+    p = Path(spec)
+    if len(spec) < 4096 and p.is_file():
+        return np.load(p) if p.suffix == ".npy" else p.read_text(encoding="utf-8").strip()
+    return spec
+
+
+def _cmd_say(args) -> int:
+    """Text to a WAV file (written to a sibling and renamed when complete), streamed: each chunk is written as it
+    comes, and --play sends it to the sound card as well."""
+    import os
+    import tempfile
+
+    import soundfile as sf
+
+    from . import InferCodeParams, Runtime
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
+        raise ValueError(f"--out {out}: give a .wav (or .flac, .ogg) file name")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    player = _player(24000) if args.play else None
+    if args.model:
+        folder, why = args.model, ""
+    else:
+        folder, why = demo_model(progress=True)
+        print(why)
+    rt = Runtime.load(folder, device=args.device, threads=args.threads)
+    if not rt.has_audio:
+        raise RuntimeError(f"{folder}: {rt._audio_why}")
+    min_frames = args.min_frames if args.min_frames is not None else (0 if args.model else min(150, args.frames))
+    params = InferCodeParams(max_new_token=args.frames, min_new_token=min_frames, manual_seed=args.seed,
+                             spk_emb=_voice(args.voice, rt.config["hidden_size"]))
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        with sf.SoundFile(tmp, "w", samplerate=rt.sample_rate, channels=1,
+                          subtype="PCM_16" if out.suffix.lower() != ".ogg" else "VORBIS") as f:
+            for chunk in rt.stream_audio(args.text, params=params, lookahead=args.lookahead):
+                if first is None:
+                    first = time.perf_counter() - t0
+                f.write(chunk.samples)
+                if player is not None:
+                    player.write(chunk.samples.reshape(-1, 1))
+                n += len(chunk.samples)
+        total = time.perf_counter() - t0
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        if player is not None:
+            player.stop()
+            player.close()
+    seconds = n / rt.sample_rate
+    print(f"wrote {out}: {seconds:.2f} s of audio at {rt.sample_rate} Hz in {total:.2f} s; first audio after "
+          f"{1000 * (first or 0):.0f} ms; real-time factor {total / max(seconds, 1e-9):.2f} (< 1 is faster than "
+          f"real time); lookahead {args.lookahead if args.lookahead is not None else rt.exact_lookahead} frames; "
+          f"stop: {rt.last_stop_reason}")
+    rt.close()
+    return 0
+
+
+def _player(rate: int):
+    """A started sound-card output stream (the sounddevice package), or a clear error."""
+    try:
+        import sounddevice as sd
+    except (ImportError, OSError) as e:
+        raise RuntimeError(f"--play needs the sounddevice package and PortAudio ({e})") from None
+    try:
+        stream = sd.OutputStream(samplerate=rate, channels=1, dtype="float32")
+        stream.start()
+    except Exception as e:  # no device, PortAudio errors
+        raise RuntimeError(f"--play: no audio output device ({e})") from None
+    return stream
+
+
 def _cmd_bench(args) -> int:
     import runpy
     from pathlib import Path
@@ -211,7 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn off ONNX Runtime's weight prepacking (less memory, much slower MatMuls)")
     s.set_defaults(fn=_cmd_memory)
 
-    s = sub.add_parser("demo", aliases=["say"], help="stream frames for a sentence and print the speed")
+    s = sub.add_parser("say", help="speak a sentence into a WAV file, streamed; prints first-audio latency and RTF")
+    s.add_argument("text", nargs="?", default="chattts-ort speaks from a native core, as the words are sampled.")
+    s.add_argument("-o", "--out", default="say.wav", help="output file: .wav (default say.wav), .flac or .ogg")
+    s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
+    s.add_argument("--voice", default=None,
+                   help="speaker: a spk_emb string, a file holding one (or an .npy of values), or seed:N")
+    s.add_argument("--lookahead", type=int, default=None,
+                   help="frames of lookahead (default: exact, 52; fewer start sooner, see docs/AUDIO.md)")
+    s.add_argument("--play", action="store_true", help="also play it (needs sounddevice and an output device)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=_positive_int, default=None)
+    s.add_argument("--frames", type=_positive_int, default=600, help="max_new_token (600 frames = 12.8 s)")
+    s.add_argument("--min-frames", type=int, default=None,
+                   help="min_new_token (default 0; 150 with the random default model)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_say)
+
+    s = sub.add_parser("demo", help="stream audio-code frames for a sentence and print the speed")
     s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a native core.")
     s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
     s.add_argument("--device", default="cpu")

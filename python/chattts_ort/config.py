@@ -113,3 +113,71 @@ class GPTConfig:
             "spk_KL": False, "spk_emb_dim": 192, "tie_word_embeddings": False, "torch_dtype": "float32",
             "use_cache": False, "vocab_size": 32000,
         }
+
+
+@dataclass
+class AudioConfig:
+    """Shapes of ChatTTS's audio path: the Decoder (asset/Decoder.safetensors, a DVAE without encoder and
+    quantizer) and the Vocos vocoder (asset/Vocos.safetensors). ChatTTS keeps these in code, not in a file;
+    an asset folder's are read off its tensors (export.audio.audio_config_of)."""
+
+    dec_idim: int = 384          # the GPT's hidden (768) is two mel frames of dec_idim channels
+    dec_bn: int = 128
+    dec_hidden: int = 512
+    dec_layers: int = 12
+    dec_kernel: int = 7
+    dec_dilation: int = 2
+    n_mels: int = 100
+    voc_dim: int = 512
+    voc_intermediate: int = 1536
+    voc_layers: int = 8
+    voc_kernel: int = 7
+    n_fft: int = 1024
+    hop: int = 256
+    sample_rate: int = 24000
+
+    @classmethod
+    def full(cls) -> "AudioConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls, gpt_hidden: int = 64) -> "AudioConfig":
+        # ChatTTS's kernels, layer counts and STFT (so the receptive field and the lookahead are the real ones),
+        # narrow channels.
+        return cls(dec_idim=gpt_hidden // 2, dec_bn=16, dec_hidden=32, voc_dim=32, voc_intermediate=64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AudioConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # Derived facts (mel positions: 2 per GPT frame; samples: `hop` per mel frame).
+    mel_per_frame = 2
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.mel_per_frame * self.hop
+
+    @property
+    def decoder_reach(self) -> int:
+        """Mel frames each side that one Decoder output depends on: conv_in (k3, k3), the ConvNeXt blocks'
+        dilated depthwise convs, conv_out (k1), out_conv (k3)."""
+        return 1 + 1 + self.dec_layers * (self.dec_kernel // 2) * self.dec_dilation + 1
+
+    @property
+    def vocos_reach(self) -> int:
+        """Mel frames each side for one Vocos frame: the embedding conv and the blocks' depthwise convs."""
+        return (self.voc_kernel // 2) * (1 + self.voc_layers)
+
+    @property
+    def exact_lookahead(self) -> int:
+        """GPT frames after a sample's own frame that decide it: a sample in mel frame m needs ISTFT frames up to
+        m + n_fft / (2 hop), each needing the stack's reach of mel frames beyond it (52 for ChatTTS)."""
+        return (1 + self.n_fft // (2 * self.hop) + self.decoder_reach + self.vocos_reach) // self.mel_per_frame
+
+    def samples(self, frames: int) -> int:
+        """Length of the audio of `frames` GPT frames (torch.istft, center=True)."""
+        return max(0, self.samples_per_frame * frames - self.hop)

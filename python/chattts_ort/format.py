@@ -50,6 +50,20 @@ SAMPLE_INPUTS = ("logits", "temperature", "penalty", "history", "top_p", "top_k"
 SAMPLE_OUTPUTS = ("next_ids",)
 
 
+# The audio path (optional: exports made before it have none). "decoder" and "vocos" decode whole utterances;
+# "audio_step" and "audio_flush" are the two together in streaming form (docs/AUDIO.md).
+DECODER, VOCOS, AUDIO_STEP, AUDIO_FLUSH = "decoder", "vocos", "audio_step", "audio_flush"
+AUDIO_BLOCKS = (DECODER, VOCOS, AUDIO_STEP, AUDIO_FLUSH)
+AUDIO_IO = {
+    DECODER: (("hidden",), ("mel",)),
+    VOCOS: (("mel",), ("audio",)),
+    AUDIO_STEP: (("hidden", "state", "frames_done"), ("audio", "state_out", "first_sample")),
+    AUDIO_FLUSH: (("state", "frames_done"), ("audio", "first_sample")),
+}
+AUDIO_FIELDS = {"state_size": (1, 1 << 30), "flush_samples": (1, 1 << 30), "exact_lookahead": (0, 1 << 20),
+                "samples_per_frame": (1, 1 << 20), "hop": (1, 1 << 20), "sample_rate": (1, 1 << 24)}
+
+
 def block_io(block: str, layer_form: str) -> Tuple[tuple, tuple]:
     """(input names, output names) a block must have, in order."""
     if block == EMBED:
@@ -60,6 +74,8 @@ def block_io(block: str, layer_form: str) -> Tuple[tuple, tuple]:
         return HEAD_INPUTS, HEAD_OUTPUTS
     if block == SAMPLE:
         return SAMPLE_INPUTS, SAMPLE_OUTPUTS
+    if block in AUDIO_IO:
+        return AUDIO_IO[block]
     raise ExportError(f"unknown block {block!r}")
 
 
@@ -71,6 +87,30 @@ def iter_graphs(manifest: dict) -> Iterator[Tuple[str, dict]]:
         yield layer_name(i), e
     for k in (HEAD_CODE, HEAD_TEXT, SAMPLE):
         yield k, g[k]
+
+
+def iter_audio_graphs(manifest: dict) -> Iterator[Tuple[str, dict]]:
+    """(block name, entry) for the audio graphs of a manifest (none for an export without audio)."""
+    a = manifest.get("audio")
+    if a:
+        for k in AUDIO_BLOCKS:
+            yield k, a["graphs"][k]
+
+
+def iter_all_graphs(manifest: dict) -> Iterator[Tuple[str, dict]]:
+    """The GPT's graphs, then the audio graphs: every file an export holds."""
+    yield from iter_graphs(manifest)
+    yield from iter_audio_graphs(manifest)
+
+
+def audio_unavailable(manifest: dict) -> Optional[str]:
+    """Why an export cannot make audio (None when it can)."""
+    if not manifest.get("audio"):
+        made = manifest.get("exporter", {}).get("version", "an older version")
+        return (f"this export has no audio graphs (written by chattts-ort {made}, before the audio path, or from "
+                "an asset folder without Decoder.safetensors and Vocos.safetensors); it serves audio codes only. "
+                "Export it again with this version to make speech")
+    return None
 
 
 def sha256_file(path: os.PathLike, chunk: int = 1 << 22) -> str:
@@ -160,9 +200,22 @@ def check_manifest(m, where: str) -> dict:
     if len(g["layers"]) != m["config"]["num_layers"]:
         raise ExportError(f"{where}: graphs.layers lists {len(g['layers'])} layers, config.num_layers is "
                           f"{m['config']['num_layers']}")
+    a = m.get("audio")
+    if a is not None:
+        if not isinstance(a, dict) or not isinstance(a.get("graphs"), dict) or not isinstance(a.get("config"), dict):
+            raise ExportError(f"{where}: 'audio' must be an object with 'config' and 'graphs'")
+        for k in AUDIO_BLOCKS:
+            if k not in a["graphs"]:
+                raise ExportError(f"{where}: audio.graphs.{k} is missing")
+        for k, (lo, hi) in AUDIO_FIELDS.items():
+            if not _is_int(a.get(k)) or not lo <= a[k] <= hi:
+                raise ExportError(f"{where}: audio.{k} must be an integer in [{lo}, {hi}], got {a.get(k)!r}")
+        if 2 * a["config"].get("dec_idim", -1) != m["config"]["hidden_size"]:
+            raise ExportError(f"{where}: audio.config.dec_idim must be half the GPT's hidden_size")
     files = {}
-    for name, e in iter_graphs(m):
-        field = f"graphs.{name}" if not name.startswith("layer_") else f"graphs.layers[{int(name[6:])}]"
+    for name, e in iter_all_graphs(m):
+        field = (f"graphs.layers[{int(name[6:])}]" if name.startswith("layer_")
+                 else f"audio.graphs.{name}" if name in AUDIO_BLOCKS else f"graphs.{name}")
         if not isinstance(e, dict):
             raise ExportError(f"{where}: {field} must be an object")
         for key, typ in GRAPH_ENTRY_FIELDS.items():
@@ -220,7 +273,7 @@ def graph_path(folder: Path, entry: dict) -> Path:
 def check_files(folder, manifest: dict, hashes: bool = True) -> None:
     """Every graph named by the manifest exists in the folder with the recorded size (and sha256)."""
     folder = Path(folder)
-    for name, e in iter_graphs(manifest):
+    for name, e in iter_all_graphs(manifest):
         p = graph_path(folder, e)
         if not p.is_file():
             raise ExportError(f"{p}: graph '{name}' named in the manifest is missing")
@@ -276,10 +329,12 @@ def rewrite_graph_entries(manifest: dict, folder: Path, precision_of) -> dict:
     them); precision_of(block name, old entry) gives each block's precision."""
     m = json.loads(json.dumps(manifest))
     g = m["graphs"]
-    for name, e in list(iter_graphs(manifest)):
+    for name, e in list(iter_all_graphs(manifest)):
         new = graph_entry(Path(folder), e["file"], precision_of(name, e))
         if name.startswith("layer_"):
             g["layers"][int(name[6:])] = new
+        elif name in AUDIO_BLOCKS:
+            m["audio"]["graphs"][name] = new
         else:
             g[name] = new
     return m

@@ -3,7 +3,8 @@
 Python builds the prompt and checks the input; the C++ core runs prefill and every decode step — embedding,
 the layer chain with its in-place KV cache, the head and the sample head — with the GIL released: a
 `_core.Model` (the loaded blocks, shared) and a `_core.State` (one generation's KV cache and counters). One
-Python call per step, none per layer.
+Python call per step, none per layer. Speech (`stream_audio`, `synthesize`): each frame's hidden state goes to a
+`_core.AudioEngine`, whose own thread runs the Decoder and Vocos graphs chunk by chunk (docs/AUDIO.md).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from ._native import core
 from .errors import ExportError, GenerationError
-from .format import graph_path, iter_graphs, open_export
+from .format import AUDIO_FLUSH, AUDIO_STEP, audio_unavailable, graph_path, iter_graphs, open_export
 from .params import (InferCodeParams, RefineTextParams, build_prompt_code, build_prompt_refine, check_int,
                      strip_tags)
 
@@ -36,6 +37,16 @@ class Frame:
     codes: np.ndarray
     row: int = 0
     hidden: Optional[np.ndarray] = None  # [hidden_size], final hidden state (after the final norm)
+
+
+@dataclass
+class AudioChunk:
+    """Samples of one batch row's speech, in order: `samples[i]` is sample `offset + i` of the utterance."""
+
+    samples: np.ndarray   # float32 in [-1, 1] (int16 when asked)
+    offset: int
+    row: int = 0
+    sample_rate: int = 24000
 
 
 @dataclass
@@ -130,6 +141,8 @@ class Runtime:
         self._tokenizer = tokenizer
         self.max_streams = 1
         self._scheduler = None              # the batched loop of concurrent streams (max_streams > 1)
+        self._audio = None                  # the audio path's engine (None: codes only, see _audio_why)
+        self._audio_why = "not loaded"
         self._busy = threading.Lock()      # held by the one live generation
         self._stepping = threading.Lock()  # held while a step runs in the core
         self._closed = False
@@ -140,7 +153,8 @@ class Runtime:
     def load(cls, export_dir, device: str = "cpu", threads: Optional[int] = None,
              max_context: Optional[int] = None, max_batch: int = 1, verify: bool = True,
              session_config: Optional[dict] = None, max_streams: int = 1, queue_frames: int = 256,
-             batch_invariant: bool = False, spin: Optional[bool] = None) -> "Runtime":
+             batch_invariant: bool = False, spin: Optional[bool] = None, audio: Optional[bool] = None,
+             audio_threads: int = 1) -> "Runtime":
         """Load an export folder written by `chattts-ort export`.
 
         device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: the usable
@@ -162,6 +176,10 @@ class Runtime:
         (steadier when other processes want the cores). None: decided at the first load of the process from
         how busy the other processes keep the CPUs (spin below SPIN_BELOW_BUSY). Like threads, fixed by the
         first Runtime of the process; `rt.spinning` says what is in use.
+        audio: load the audio path (stream_audio, synthesize). None: when the export has it; True: required
+        (ExportError saying why when the export has none); False: codes only (saves its memory, ~2x the
+        Decoder and Vocos weights). audio_threads: intra-op threads of the audio path's own sessions (default
+        1: its worker thread, beside the GPT's pool).
         """
         folder = Path(export_dir)
         manifest = open_export(folder, hashes=verify)
@@ -190,6 +208,12 @@ class Runtime:
 
         if spin is not None and not isinstance(spin, (bool, np.bool_)):
             raise ValueError(f"spin must be None, True or False, got {spin!r}")
+        if audio is not None and not isinstance(audio, (bool, np.bool_)):
+            raise ValueError(f"audio must be None, True or False, got {audio!r}")
+        audio_threads = check_int("audio_threads", audio_threads, 1, cap)
+        why = audio_unavailable(manifest)
+        if audio and why:
+            raise ExportError(f"{folder}: audio=True, but {why}")
         c = core()
         if not c.env_created():
             if spin is None:
@@ -231,6 +255,11 @@ class Runtime:
             want = ([i["name"] for i in e["inputs"]], [o["name"] for o in e["outputs"]])
             if got != want:
                 raise ExportError(f"{folder / e['file']}: graph IO {got} does not match the manifest {want}")
+        engine = None
+        if audio is not False and not why:
+            engine = _load_audio(c, folder, manifest, device, threads, audio_threads, session_config)
+        elif why is None:
+            why = "this Runtime was loaded with audio=False"
         _check_kv_memory(model, max_batch + (max_streams if max_streams > 1 else 0), max_context)
         state = c.State(model, max_batch)
         scheduler = None
@@ -245,6 +274,7 @@ class Runtime:
         rt = cls(folder, manifest, model, state, tok, device, threads, max_context, max_batch)
         rt.max_streams = max_streams
         rt._scheduler = scheduler
+        rt._audio, rt._audio_why = engine, why
         rt.spinning = bool(c.spinning())
         return rt
 
@@ -261,7 +291,9 @@ class Runtime:
             self._scheduler.close()  # every live stream ends with an error in its consumer
         if self._stepping.acquire(timeout=-1 if timeout is None else timeout):
             self._stepping.release()
-        self._state = self._model = self._scheduler = None
+        if self._audio is not None:
+            self._audio.close()
+        self._state = self._model = self._scheduler = self._audio = None
         _LIVE.discard(self)
 
     @property
@@ -545,6 +577,123 @@ class Runtime:
         out = [self._tokenizer.decode(ids) for ids in self.last_refine_ids]
         return out[0] if isinstance(text, str) else out
 
+    # ------------------------------------------------------------------------------------------------------
+    # Speech.
+
+    @property
+    def has_audio(self) -> bool:
+        return self._audio is not None
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.manifest.get("audio", {}).get("sample_rate", 24000))
+
+    @property
+    def exact_lookahead(self) -> int:
+        """GPT frames past a sample's own that decide it (52 for ChatTTS): stream_audio's default lookahead."""
+        return int(self.manifest.get("audio", {}).get("exact_lookahead", 0))
+
+    def _require_audio(self):
+        self._require_open()
+        if self._audio is None:
+            raise GenerationError(f"no audio path: {self._audio_why}")
+        return self._audio
+
+    def stream_audio(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
+                     lookahead: Optional[int] = None, chunk_frames: int = 16, dtype: str = "float32",
+                     noise: Optional[np.ndarray] = None) -> Iterator[AudioChunk]:
+        """Yield speech as the GPT samples it: AudioChunks of 24 kHz samples (float32, or int16 with
+        dtype="int16"), in order per row, each with the index of its first sample. Breaking out of the loop stops
+        the GPT and the audio work.
+
+        lookahead: GPT frames the audio waits for past a sample's own frame. The default, `exact_lookahead` (52),
+        makes the stream equal the whole-utterance decode to float rounding (first audio after 53 frames);
+        fewer frames start sooner and differ slightly where each chunk ends (docs/AUDIO.md has the measured
+        error and the extra work). chunk_frames: frames per audio step (more: less work per frame, later
+        chunks; 1..64). Other arguments as stream().
+        """
+        engine = self._require_audio()
+        exact = self.exact_lookahead
+        L = exact if lookahead is None else check_int("lookahead", lookahead, 0, exact)
+        chunk = check_int("chunk_frames", chunk_frames, 1, 64)
+        if dtype not in ("float32", "int16"):
+            raise ValueError(f"dtype must be 'float32' or 'int16', got {dtype!r}")
+        import dataclasses
+
+        params = dataclasses.replace(params or InferCodeParams(), return_hidden=True)
+        B = len(self._texts(text))
+        frames = self.stream(text, params, speaker, noise)
+        return self._audio_chunks(engine, frames, B, L, chunk, dtype)
+
+    def _audio_chunks(self, engine, frames, B: int, lookahead: int, chunk: int, dtype: str) -> Iterator[AudioChunk]:
+        sr = self.sample_rate
+        ids = []
+        live = {}
+
+        def call(fn, *a):
+            try:
+                return fn(*a)
+            except RuntimeError as e:  # the engine closed under us (Runtime.close) or refused
+                if self._closed:
+                    raise GenerationError("this Runtime was closed while speaking") from None
+                raise GenerationError(f"audio: {e}") from e
+
+        def drain(wait_ms: int):
+            for row, sid in list(live.items()):
+                samples, first, done, error = call(engine.pull, sid, wait_ms)
+                if error:
+                    raise GenerationError(f"audio: {error}")
+                if samples.size:
+                    if dtype == "int16":
+                        samples = np.clip(np.rint(samples * 32767.0), -32768, 32767).astype(np.int16)
+                    yield AudioChunk(samples, int(first), row, sr)
+                if done:
+                    del live[row]
+
+        try:
+            for row in range(B):
+                ids.append(call(engine.open, lookahead, chunk))
+                live[row] = ids[-1]
+            pushed = [0] * B
+            heard = set()
+            for f in frames:
+                call(engine.push, ids[f.row], f.hidden[None])
+                pushed[f.row] += 1
+                for ch in drain(0):
+                    heard.add(ch.row)
+                    yield ch
+                if pushed[f.row] == lookahead + 1 and f.row not in heard and f.row in live:
+                    # The first audio is due: let the audio thread have the cores for it before the next GPT
+                    # step (the GPT runs ahead of real time anyway; this costs it one pause per stream).
+                    deadline = time.perf_counter() + 2.0
+                    while f.row in live and f.row not in heard and time.perf_counter() < deadline:
+                        for ch in drain(20):
+                            heard.add(ch.row)
+                            yield ch
+            for sid in ids:
+                call(engine.finish, sid)
+            while live:
+                yield from drain(50)
+        finally:
+            frames.close()
+            for sid in ids:
+                engine.cancel(sid)
+
+    def synthesize(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
+                   lookahead: Optional[int] = None, dtype: str = "float32", noise: Optional[np.ndarray] = None):
+        """The whole utterance: (samples, sample_rate); for a list of texts, (list of sample arrays, rate).
+        Samples are the vocoder's raw output (ChatTTS's infer() also deletes every sample with |x| <= 1e-5)."""
+        texts = self._texts(text)
+        parts = [[] for _ in texts]
+        for ch in self.stream_audio(text, params, speaker, lookahead, chunk_frames=64, dtype=dtype, noise=noise):
+            parts[ch.row].append(ch.samples)
+        out = [np.concatenate(p) if p else np.zeros(0, np.int16 if dtype == "int16" else np.float32) for p in parts]
+        return (out[0] if isinstance(text, str) else out), self.sample_rate
+
+    def audio_stats(self) -> dict:
+        """Counters of the audio path since load: steps, flushes, frames, samples, and ms spent in each graph."""
+        return dict(self._require_audio().stats())
+
     def _collect(self, frames, B: int, k: int, with_hidden: bool) -> Generation:
         codes = [[] for _ in range(B)]
         hidden = [[] for _ in range(B)]
@@ -560,6 +709,37 @@ class Runtime:
             gen.codes.append(np.asarray(codes[b], np.int64) if codes[b] else np.zeros(shape, np.int64))
             gen.hidden.append(np.asarray(hidden[b], np.float32) if with_hidden and hidden[b] else None)
         return gen
+
+
+def _load_audio(c, folder: Path, manifest: dict, device: str, threads: int, audio_threads: int, session_config):
+    """The audio engine over the export's streaming graphs, checked against the manifest."""
+    a = manifest["audio"]
+    spec = c.AudioSpec()
+    spec.step = str(graph_path(folder, a["graphs"][AUDIO_STEP]))
+    spec.flush = str(graph_path(folder, a["graphs"][AUDIO_FLUSH]))
+    spec.hidden = int(manifest["config"]["hidden_size"])
+    spec.state_size = int(a["state_size"])
+    spec.flush_samples = int(a["flush_samples"])
+    spec.samples_per_frame = int(a["samples_per_frame"])
+    spec.hop = int(a["hop"])
+    spec.exact_lookahead = int(a["exact_lookahead"])
+    spec.device = device
+    spec.threads = threads
+    spec.own_threads = audio_threads
+    spec.session_config = list((session_config or {}).items())
+    try:
+        engine = c.AudioEngine(spec)
+    except RuntimeError as e:
+        raise ExportError(f"audio path: {e}") from e
+    for name in (AUDIO_STEP, AUDIO_FLUSH):
+        e = a["graphs"][name]
+        ins, outs = engine.io(name)
+        got = ([i[0] for i in ins], [o[0] for o in outs])
+        want = ([i["name"] for i in e["inputs"]], [o["name"] for o in e["outputs"]])
+        if got != want:
+            engine.close()
+            raise ExportError(f"{folder / e['file']}: graph IO {got} does not match the manifest {want}")
+    return engine
 
 
 def _check_kv_memory(model, rows: int, max_context: int, have_rows: int = 0) -> None:

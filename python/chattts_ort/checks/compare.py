@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QuantizeError
-from ..format import iter_graphs, open_export
+from ..format import AUDIO_BLOCKS, iter_all_graphs, iter_graphs, open_export
 from .report import Report
 
 
@@ -73,6 +73,27 @@ def _block_feeds(manifest: dict, cfg, name: str, seed: int):
     return {i["name"]: a.numpy() for i, a in zip(entry["inputs"], args)}
 
 
+def _audio_feeds(manifest: dict, against: Path, name: str, seed: int):
+    """Inputs for an audio block: random hidden states (the step: from silence), a random mel, and for the flush
+    the state the fp32 step graph leaves after 60 random frames."""
+    import onnxruntime as ort
+
+    a = manifest["audio"]
+    rng = np.random.default_rng(seed)
+    E = manifest["config"]["hidden_size"]
+    hidden = rng.standard_normal((1, 60, E)).astype(np.float32)
+    state = np.zeros((1, a["state_size"]), np.float32)
+    if name == "decoder":
+        return {"hidden": hidden}
+    if name == "vocos":
+        return {"mel": rng.standard_normal((1, a["config"]["n_mels"], 120)).astype(np.float32)}
+    if name == "audio_step":
+        return {"hidden": hidden, "state": state, "frames_done": np.array([0], np.int64)}
+    step = ort.InferenceSession(str(against / a["graphs"]["audio_step"]["file"]), providers=["CPUExecutionProvider"])
+    _, state, _ = step.run(None, {"hidden": hidden, "state": state, "frames_done": np.array([0], np.int64)})
+    return {"state": state, "frames_done": np.array([60], np.int64)}
+
+
 def compare_exports(folder, against, steps: int = 200, progress: bool = False, seed: int = 0) -> CompareReport:
     import onnxruntime as ort
 
@@ -87,9 +108,14 @@ def compare_exports(folder, against, steps: int = 200, progress: bool = False, s
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     blocks = []
-    entries_q, entries_f = dict(iter_graphs(mq)), dict(iter_graphs(mf))
+    if bool(mq.get("audio")) != bool(mf.get("audio")):
+        raise QuantizeError(f"{folder} and {against}: one has the audio graphs, the other not")
+    entries_q, entries_f = dict(iter_all_graphs(mq)), dict(iter_all_graphs(mf))
     for i, (name, eq) in enumerate(entries_q.items()):
-        feed = _block_feeds(mq, cfg, name, seed + i)
+        if name in AUDIO_BLOCKS:
+            feed = _audio_feeds(mf, against, name, seed + i)
+        else:
+            feed = _block_feeds(mq, cfg, name, seed + i)
         sq = ort.InferenceSession(str(folder / eq["file"]), so, providers=["CPUExecutionProvider"])
         sf = ort.InferenceSession(str(against / entries_f[name]["file"]), so, providers=["CPUExecutionProvider"])
         if progress:
@@ -150,7 +176,7 @@ def _plot(rep: CompareReport, path: Path):
         import matplotlib.pyplot as plt
     except ImportError:  # matplotlib is optional
         return None
-    rows = [b for b in rep.blocks if b["output"] in ("hidden", "hidden_out", "logits")]
+    rows = [b for b in rep.blocks if b["output"] in ("hidden", "hidden_out", "logits", "mel", "audio")]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.5))
     ax.bar(range(len(rows)), [max(b["rel_l2"], 1e-12) for b in rows],
            color=["C3" if b["block"] == rep.worst_block else "C0" for b in rows])

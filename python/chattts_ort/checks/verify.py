@@ -152,6 +152,81 @@ def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
     return results
 
 
+def _stream_graphs(step, flush, hidden: np.ndarray, chunk: int, samples: int) -> np.ndarray:
+    """One utterance [1, T, E] through the streaming graphs (onnxruntime sessions), `chunk` frames per step."""
+    a = step.get_inputs()[1].shape[1]
+    state = np.zeros((1, a), np.float32)
+    out = np.zeros((1, samples), np.float32)
+
+    def put(sig, first):
+        lo, hi = max(first, 0), min(first + sig.shape[1], samples)
+        if hi > lo:
+            out[:, lo:hi] = sig[:, lo - first:hi - first]
+
+    T = hidden.shape[1]
+    for done in range(0, T, chunk):
+        sig, state, first = step.run(None, {"hidden": hidden[:, done:done + chunk], "state": state,
+                                            "frames_done": np.array([done], np.int64)})
+        put(sig, int(first[0]))
+    sig, first = flush.run(None, {"state": state, "frames_done": np.array([T], np.int64)})
+    put(sig, int(first[0]))
+    return out
+
+
+def verify_audio(folder, manifest, seed: int = 21) -> list:
+    """The audio graphs: Decoder and Vocos against ChatTTS's and vocos's own modules on the asset's weights
+    (checks.audio_reference; our PyTorch modules where those packages are missing, said in `extra`), and the
+    streaming step + flush against the whole-utterance graphs (the stream must equal the whole)."""
+    import torch
+
+    from ..config import AudioConfig
+    from ..export.audio import load_audio
+    from ..export.sources import source_folder
+    from .audio_reference import load_reference
+
+    folder = Path(folder)
+    a = manifest["audio"]
+    c = AudioConfig.from_dict(a["config"])
+    E = manifest["config"]["hidden_size"]
+    src = source_folder(manifest["source"])
+    ref, why = load_reference(src, E)
+    if ref is None:
+        dec, voc, _ = load_audio(src, E)
+
+        def ref_decoder(h):
+            with torch.no_grad():
+                return dec(h.transpose(1, 2))
+
+        def ref_vocos(m):
+            with torch.no_grad():
+                return voc(m)
+        source = f"chattts-ort's PyTorch modules ({why})"
+    else:
+        ref_decoder, ref_vocos, source = ref.decoder, ref.vocos, ref.source
+    g = torch.Generator().manual_seed(seed)
+    T = 2 * c.exact_lookahead + 17  # longer than the receptive field on both sides
+    hidden = torch.randn(2, T, E, generator=g)
+    sess = {k: _ort_session(folder / a["graphs"][k]["file"]) for k in ("decoder", "vocos", "audio_step", "audio_flush")}
+    results = []
+
+    def row(block, output, got, want, **extra):
+        err_abs, err_rel = _errors(got, want)
+        scale = float(np.abs(want).max()) if want.size else 0.0
+        results.append(BlockResult(block, output, err_abs, err_rel, err_abs <= ATOL + RTOL * scale,
+                                   {"reference": source, **extra}))
+
+    mel_want = ref_decoder(hidden.transpose(1, 2).contiguous()).numpy()
+    mel = sess["decoder"].run(None, {"hidden": hidden.numpy()})[0]
+    row("decoder", "mel", mel, mel_want)
+    wav_want = ref_vocos(torch.from_numpy(mel_want)).numpy()
+    wav = sess["vocos"].run(None, {"mel": mel_want})[0]
+    row("vocos", "audio", wav, wav_want)
+    whole = sess["vocos"].run(None, {"mel": mel})[0][:1]
+    streamed = _stream_graphs(sess["audio_step"], sess["audio_flush"], hidden[:1].numpy(), 7, whole.shape[1])
+    row("audio_step", "stream=whole", streamed, whole, reference_kind="decoder+vocos graphs", chunk_frames=7)
+    return results
+
+
 # With an fp16 KV cache, K/V and attention round to fp16 (relative error ~1e-3).
 KV16_RTOL = 4e-3
 
@@ -244,6 +319,8 @@ def verify_export(folder, against=None, progress: bool = False, steps: Optional[
     else:
         gpt, cfg = _torch_modules(manifest)
         blocks = verify_blocks(folder, manifest, gpt, cfg, progress=progress)
+        if manifest.get("audio"):
+            blocks += verify_audio(folder, manifest)
         ch = verify_chain(folder, gpt, cfg, steps=steps) if chain else {}
         report = VerifyReport(folder, blocks, ch)
     report.seconds = time.perf_counter() - t0

@@ -139,13 +139,15 @@ def is_asset_folder(path) -> bool:
     return (path / "gpt" / "config.json").is_file() and (path / "Embed.safetensors").is_file()
 
 
-def write_random_asset_folder(path, cfg: GPTConfig = None, seed: int = 0, tokenizer_json=None) -> Path:
+def write_random_asset_folder(path, cfg: GPTConfig = None, seed: int = 0, tokenizer_json=None,
+                              audio: bool = True) -> Path:
     """Write a seeded random model in ChatTTS's asset layout (atomically: temp folder, then rename; an
     existing folder is replaced only if it is an asset folder or empty).
 
     tokenizer_json: a tokenizer.json to copy; default: the generated one (make_generated_tokenizer below),
     which has ChatTTS's special tokens at ChatTTS's ids. gpt/model.safetensors omits LlamaModel's
-    embed_tokens (ChatTTS never uses it: it feeds inputs_embeds).
+    embed_tokens (ChatTTS never uses it: it feeds inputs_embeds). audio: also Decoder.safetensors and
+    Vocos.safetensors (ChatTTS's shapes at full size, narrow channels for a tiny GPT).
     """
     import json
 
@@ -163,6 +165,12 @@ def write_random_asset_folder(path, cfg: GPTConfig = None, seed: int = 0, tokeni
         llama, emb = random_state_dicts(cfg, seed)
         save_file({k: v.contiguous() for k, v in llama.items()}, str(tmp / "gpt" / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in emb.items()}, str(tmp / "Embed.safetensors"))
+        if audio:
+            from ..config import AudioConfig
+            from .audio import write_random_audio
+
+            full = cfg.hidden_size == GPTConfig.full().hidden_size
+            write_random_audio(tmp, AudioConfig.full() if full else AudioConfig.tiny(cfg.hidden_size), seed=seed)
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
         else:

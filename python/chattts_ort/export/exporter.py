@@ -17,8 +17,8 @@ from pathlib import Path
 from ..config import SPECIAL_TOKENS
 from ..errors import ExportError
 from ..defaults import default_export_dir
-from ..format import (FORMAT, LAYER_FORMS, MANIFEST, OPSET, atomic_folder, check_output_folder, graph_entry,
-                      layer_name, tag_graph, write_manifest)
+from ..format import (AUDIO_BLOCKS, AUDIO_IO, FORMAT, LAYER_FORMS, MANIFEST, OPSET, atomic_folder,
+                      check_output_folder, graph_entry, layer_name, tag_graph, write_manifest)
 from ..version import __version__
 from .blocks import EMBED_IO, HEAD_IO, LAYER_IO, SAMPLE_IO, _wrappers, example_inputs
 
@@ -45,6 +45,10 @@ class ExportReport:
     peak_rss_mb: float
     total_bytes: int
     weight_bytes: int
+    audio: str = ""  # "" when the audio graphs were exported, else why not
+    # Decoder + Vocos weights (fp32). The folder holds them three times: in the whole-utterance graphs, in the
+    # streaming step and in the flush (each graph file is self-contained).
+    audio_weight_bytes: int = 0
 
 
 def _peak_rss_mb() -> float:
@@ -69,12 +73,13 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
     check_output_folder(out, force)  # fail before the (slow) model load
     import torch
 
-    from .sources import resolve_source
+    from .sources import resolve_source, source_folder
 
     out = Path(out)
     t0 = time.perf_counter()
     gpt, cfg, tokenizer_json = resolve_source(src)
     gpt.eval()
+    audio_src, audio_note = _audio_source(source_folder(src), cfg.hidden_size)
     EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, SampleHead = _wrappers()
 
     with atomic_folder(out, force) as tmp:
@@ -88,6 +93,8 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
         jobs.append(("head_code", lambda: (HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
         jobs.append(("head_text", lambda: (HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO)))
         jobs.append(("sample", lambda: (SampleHead(), example_inputs(cfg, "sample"), SAMPLE_IO)))
+        if audio_src is not None:
+            jobs += _audio_jobs(audio_src)
 
         bar = _progress(len(jobs), progress, "export")
         with torch.no_grad():
@@ -130,10 +137,67 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
                 "sample": graph_entry(tmp, "sample.onnx"),
             },
         }
+        if audio_src is not None:
+            manifest["audio"] = _audio_manifest(tmp, audio_src)
         write_manifest(tmp, manifest)
     total = sum(p.stat().st_size for p in out.iterdir())
     weights = sum(p.numel() for p in gpt.parameters()) * 4
-    return ExportReport(out, time.perf_counter() - t0, _peak_rss_mb(), total, weights)
+    audio_weights = 0 if audio_src is None else sum(
+        p.numel() for m in (audio_src.decoder, audio_src.vocos) for p in m.parameters()) * 4
+    return ExportReport(out, time.perf_counter() - t0, _peak_rss_mb(), total, weights, audio_note, audio_weights)
+
+
+def _audio_source(folder: Path, gpt_hidden: int):
+    """(StreamingAudio over the folder's Decoder and Vocos, "") or (None, why there is no audio path)."""
+    from .audio import DECODER_FILE, VOCOS_FILE, StreamingAudio, load_audio
+
+    missing = [f for f in (DECODER_FILE, VOCOS_FILE) if not (Path(folder) / f).is_file()]
+    if missing:
+        return None, (f"{folder} has no {' or '.join(missing)}: the export serves audio codes only "
+                      "(no speech)")
+    dec, voc, _ = load_audio(folder, gpt_hidden)
+    return StreamingAudio(dec, voc).eval(), ""
+
+
+def _audio_jobs(s) -> list:
+    """The four audio graphs (docs/AUDIO.md): whole-utterance Decoder and Vocos, streaming step and flush."""
+    import torch
+
+    from .audio import _FlushGraph, _StepGraph
+
+    E, c = 2 * s.cfg.dec_idim, s.cfg
+
+    def io(block, axes):
+        ins, outs = AUDIO_IO[block]
+        return list(ins), list(outs), axes
+
+    B = {0: "batch"}
+    return [
+        ("decoder", lambda: (s.decoder, (torch.randn(1, 5, E),),
+                             io("decoder", {"hidden": {0: "batch", 1: "frames"}, "mel": {0: "batch", 2: "mel"}}))),
+        ("vocos", lambda: (s.vocos, (torch.randn(1, c.n_mels, 10),),
+                           io("vocos", {"mel": {0: "batch", 2: "mel"}, "audio": {0: "batch", 1: "samples"}}))),
+        ("audio_step", lambda: (_StepGraph(s), (torch.randn(1, 3, E), s.init_state(1), torch.tensor([0])),
+                                io("audio_step", {"hidden": {0: "batch", 1: "frames"}, "state": B,
+                                                  "frames_done": B, "audio": {0: "batch", 1: "samples"},
+                                                  "state_out": B, "first_sample": B}))),
+        ("audio_flush", lambda: (_FlushGraph(s), (s.init_state(1), torch.tensor([3])),
+                                 io("audio_flush", {"state": B, "frames_done": B, "audio": B, "first_sample": B}))),
+    ]
+
+
+def _audio_manifest(tmp: Path, s) -> dict:
+    c = s.cfg
+    return {
+        "config": c.to_dict(),
+        "state_size": s.state_size,
+        "flush_samples": s.flush_samples,
+        "exact_lookahead": c.exact_lookahead,
+        "samples_per_frame": c.samples_per_frame,
+        "hop": c.hop,
+        "sample_rate": c.sample_rate,
+        "graphs": {k: graph_entry(tmp, f"{k}.onnx") for k in AUDIO_BLOCKS},
+    }
 
 
 def _save(model, path: Path) -> None:

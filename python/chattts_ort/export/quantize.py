@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QuantizeError
-from ..format import (MANIFEST, atomic_folder, iter_graphs, open_export, rewrite_graph_entries, sha256_file,
+from ..format import (AUDIO_BLOCKS, MANIFEST, atomic_folder, iter_all_graphs, open_export, rewrite_graph_entries, sha256_file,
                       tag_graph_file, write_manifest)
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 ALLOWED = {"embed": ("fp32", "fp16"), "sample": ("fp32",)}  # other blocks take every precision
+AUDIO_ALLOWED = ("fp32", "fp16", "int8", "int8-dynamic")
 PLANS = {
     "fp32": {},
     "fp16": {"embed": "fp16", "layers": "fp16", "head_code": "fp16", "head_text": "fp16"},
@@ -75,7 +76,7 @@ def resolve_plan(plan, manifest: dict) -> dict:
     "sample" to precisions (later, more specific keys override "layers"). The key "optimize" (true/false) is an
     option, not a block: it asks for ONNX Runtime's offline optimisation of every block after quantization."""
     plan = parse_plan(plan)
-    names = [n for n, _ in iter_graphs(manifest)]
+    names = [n for n, _ in iter_all_graphs(manifest)]
     layers = [n for n in names if n.startswith("layer_")]
     out = {n: "fp32" for n in names}
     order = sorted(((k, v) for k, v in plan.items() if k not in PLAN_OPTIONS), key=lambda kv: 0 if kv[0] == "layers" else 1)
@@ -84,6 +85,10 @@ def resolve_plan(plan, manifest: dict) -> dict:
             raise QuantizeError(f"unknown precision {prec!r} for {key!r}; precisions: {', '.join(PRECISIONS)}")
         if key == "layers":
             targets = layers
+        elif key == "audio":
+            targets = [n for n in names if n in AUDIO_BLOCKS]
+            if not targets:
+                raise QuantizeError("plan names 'audio', but this export has no audio graphs")
         elif key == "first_layer":
             targets = layers[:1]
         elif key == "last_layer":
@@ -92,11 +97,14 @@ def resolve_plan(plan, manifest: dict) -> dict:
             targets = [key]
         else:
             raise QuantizeError(f"plan names block {key!r}, which this export does not have "
-                                f"(blocks: embed, layers, layer_00..{layers[-1][6:]}, head_code, head_text, sample)")
+                                f"(blocks: embed, layers, layer_00..{layers[-1][6:]}, head_code, head_text, sample; audio, "
+                                f"{', '.join(AUDIO_BLOCKS)})")
         for t in targets:
             kind = "embed" if t == "embed" else "sample" if t == "sample" else None
             if kind and prec not in ALLOWED[kind]:
                 raise QuantizeError(f"block {t!r} cannot be {prec} (allowed: {', '.join(ALLOWED[kind])})")
+            if t in AUDIO_BLOCKS and prec not in AUDIO_ALLOWED:
+                raise QuantizeError(f"audio block {t!r} cannot be {prec} (allowed: {', '.join(AUDIO_ALLOWED)})")
             out[t] = prec
     return out
 
@@ -136,7 +144,7 @@ def quantize_block(src: Path, dst: Path, precision: str, block_size: int = 32) -
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         q = MatMulNBitsQuantizer(model, bits=8 if precision == "int8" else 4, block_size=block_size,
-                                 is_symmetric=True, accuracy_level=4)
+                                 is_symmetric=True, accuracy_level=4, nodes_to_exclude=_idft_matmuls(model))
         q.process()
         q.model.save_model_to_file(str(dst), False)
     elif precision == "int8-dynamic":
@@ -144,9 +152,26 @@ def quantize_block(src: Path, dst: Path, precision: str, block_size: int = 32) -
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], extra_options={"DefaultTensorType": TensorProto.FLOAT})
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=_idft_matmuls(model),
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
     else:  # pragma: no cover - resolve_plan rejects it first
         raise QuantizeError(f"unknown precision {precision!r}")
+
+
+def _idft_matmuls(model) -> list:
+    """The audio graphs' inverse-DFT MatMul (a [n_fft + 2, n_fft] constant basis): exact trigonometry, not a
+    learned weight, so it stays fp32 whatever the plan."""
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for n in model.graph.node:  # the exporter may leave it as a Constant node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            shapes[n.output[0]] = tuple(n.attribute[0].t.dims)
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2:
+            sh = shapes.get(n.input[1])
+            if sh and len(sh) == 2 and sh[0] == sh[1] + 2 and sh[1] >= 256:
+                out.append(n.name)
+    return out
 
 
 @dataclass
@@ -174,7 +199,7 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
     the plan's "optimize" option (default false)."""
     inp = Path(inp)
     manifest = open_export(inp)  # as Runtime.load checks it: a tampered folder is refused, not re-hashed
-    done = {n: e.get("precision", "fp32") for n, e in iter_graphs(manifest)}
+    done = {n: e.get("precision", "fp32") for n, e in iter_all_graphs(manifest)}
     if any(p != "fp32" for p in done.values()) or manifest.get("quantization"):
         raise QuantizeError(f"{inp} is already quantized ({ {n: p for n, p in done.items() if p != 'fp32'} }); "
                             "quantize the fp32 export instead")
@@ -200,7 +225,7 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:
-            for name, entry in iter_graphs(manifest):
+            for name, entry in iter_all_graphs(manifest):
                 quantize_block(inp / entry["file"], tmp / entry["file"], precisions[name], block_size)
                 if optimize:
                     _optimize_file(tmp / entry["file"], tmp / entry["file"])
@@ -254,7 +279,7 @@ def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Pat
         raise QuantizeError(f"{inp} is already optimised ({manifest['optimized']})")
 
     def job(tmp: Path):
-        for name, entry in iter_graphs(manifest):
+        for name, entry in iter_all_graphs(manifest):
             _optimize_file(inp / entry["file"], tmp / entry["file"])
             tag_graph_file(tmp / entry["file"], name)
         shutil.copyfile(inp / manifest.get("tokenizer", "tokenizer.json"), tmp / "tokenizer.json")

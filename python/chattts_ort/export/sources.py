@@ -19,10 +19,16 @@ def random_asset_folder(kind: str = "full", seed: int = 0) -> Path:
     from ..config import GPTConfig
     from .assets import write_random_asset_folder
 
+    from ..config import AudioConfig
+    from .audio import DECODER_FILE, VOCOS_FILE, write_random_audio
+
     cfg = GPTConfig.full() if kind == "full" else GPTConfig.tiny()
     folder = cache_dir() / "assets" / f"random-{kind}-seed{seed}"
     if not (folder / "gpt" / "model.safetensors").is_file():
         write_random_asset_folder(folder, cfg=cfg, seed=seed)
+    if not ((folder / DECODER_FILE).is_file() and (folder / VOCOS_FILE).is_file()):  # folders of v0.2.0 lack them
+        audio = AudioConfig.full() if kind == "full" else AudioConfig.tiny(cfg.hidden_size)
+        write_random_audio(folder, audio, seed=seed)
     return folder
 
 
