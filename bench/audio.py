@@ -33,7 +33,7 @@ import json, resource, sys, time
 import numpy as np
 from chattts_ort import InferCodeParams, Runtime
 a = json.loads(sys.argv[1])
-rt = Runtime.load(a["export"], threads=a["threads"])
+rt = Runtime.load(a["export"], threads=a["threads"], audio_threads=a["audio_threads"])
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -142,10 +142,11 @@ def median(xs):
     return xs[len(xs) // 2] if xs else None
 
 
-def summarize(system: str, seconds: float, frames: int, got: dict, lookahead=None) -> dict:
+def summarize(system: str, seconds: float, frames: int, got: dict, lookahead=None, audio_threads=None) -> dict:
     runs = got["runs"]
     audio_s = median([r["samples"] for r in runs]) / 24000
     row = {"system": system, "seconds": seconds, "frames": frames, "lookahead": lookahead,
+           "audio_threads": audio_threads,
            "first_audio_s": median([r["first_s"] for r in runs]), "wall_s": median([r["wall_s"] for r in runs]),
            "audio_s": audio_s, "cpu_s": median([r["cpu_s"] for r in runs]), "runs": runs}
     row["rtf"] = row["wall_s"] / audio_s
@@ -162,11 +163,12 @@ def table(res: dict) -> str:
              f"Machine: {res['machine']}. Model: random weights, {res['model']} shape; chattts-ort GPT "
              f"{res['precision']}, audio fp32, {res['threads']} threads; ChatTTS: PyTorch "
              f"{res['torch']}, {res['threads']} threads. Medians of {res['repeats']} runs. Command: `{res['command']}`",
-             "", "| system | lookahead | audio s | first audio s | total s | RTF | audio RTF | GPT alone RTF "
-                 "| audio CPU share |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| system | lookahead | audio threads | audio s | first audio s | total s | RTF | audio RTF "
+                 "| GPT alone RTF | audio CPU share |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
-        lines.append(f"| {r['system']} | {r['lookahead'] if r['lookahead'] is not None else '-'} | {r['audio_s']:.1f} | "
+        lines.append(f"| {r['system']} | {r['lookahead'] if r['lookahead'] is not None else '-'} | "
+                     f"{r.get('audio_threads') or '-'} | {r['audio_s']:.1f} | "
                      f"{f('first_audio_s')} | {f('wall_s', '{:.2f}')} | {f('rtf')} | {f('audio_rtf')} | "
                      f"{f('codes_rtf')} | {f('audio_cpu_share', '{:.0%}')} |")
     return "\n".join(lines) + "\n"
@@ -181,11 +183,11 @@ def plot(res: dict, path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    systems = sorted({(r["system"], r["lookahead"]) for r in res["rows"]}, key=str)
-    for sysname, la in systems:
-        rows = sorted((r for r in res["rows"] if r["system"] == sysname and r["lookahead"] == la),
-                      key=lambda r: r["audio_s"])
-        label = sysname + (f" (lookahead {la})" if la is not None else "")
+    systems = sorted({(r["system"], r["lookahead"], r.get("audio_threads")) for r in res["rows"]}, key=str)
+    for sysname, la, at in systems:
+        rows = sorted((r for r in res["rows"] if r["system"] == sysname and r["lookahead"] == la
+                       and r.get("audio_threads") == at), key=lambda r: r["audio_s"])
+        label = sysname + (f" (lookahead {la}, {at} audio threads)" if la is not None else "")
         axes[0].plot([r["audio_s"] for r in rows], [r["first_audio_s"] for r in rows], "o-", label=label)
         axes[1].plot([r["audio_s"] for r in rows], [r["rtf"] for r in rows], "o-", label=label)
     axes[0].set(xlabel="utterance (s of audio)", ylabel="first audio sample (s)", title="latency")
@@ -208,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", nargs="+", type=float, default=[5, 10, 20])
     ap.add_argument("--lookahead", nargs="+", type=int, default=[52, 24])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--audio-threads", nargs="+", type=int, default=[None],
+                    help="Runtime.load(audio_threads=...) values to compare (default: the runtime's default)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chattts-repeats", type=int, default=1)
     ap.add_argument("--no-chattts", action="store_true", help="skip ChatTTS's stream mode")
@@ -225,13 +229,14 @@ def main(argv=None) -> int:
     for sec in args.seconds:
         frames = int(round(sec * FRAMES_PER_S))
         for la in args.lookahead:
-            got = probe(_ORT, {"export": export, "threads": args.threads, "frames": frames, "text": text,
-                               "lookahead": la, "repeats": args.repeats})
-            row = summarize("chattts-ort", sec, frames, got, la)
-            res["rows"].append(row)
-            print(f"chattts-ort {sec:4.0f} s, lookahead {la}: first audio {row['first_audio_s']:.3f} s, "
-                  f"RTF {row['rtf']:.3f} (audio graphs {row['audio_rtf']:.3f}, GPT alone {row['codes_rtf']:.3f}), "
-                  f"audio CPU share {row['audio_cpu_share']:.0%}", flush=True)
+            for at in args.audio_threads:
+                got = probe(_ORT, {"export": export, "threads": args.threads, "frames": frames, "text": text,
+                                   "lookahead": la, "repeats": args.repeats, "audio_threads": at})
+                row = summarize("chattts-ort", sec, frames, got, la, at)
+                res["rows"].append(row)
+                print(f"chattts-ort {sec:4.0f} s, lookahead {la}, audio threads {at}: first audio {row['first_audio_s']:.3f} s, "
+                      f"RTF {row['rtf']:.3f} (audio graphs {row['audio_rtf']:.3f}, GPT alone {row['codes_rtf']:.3f}), "
+                      f"audio CPU share {row['audio_cpu_share']:.0%}", flush=True)
         if not args.no_chattts:
             got = probe(_CHATTTS, {"model": args.model, "threads": args.threads, "frames": frames, "text": text,
                                    "repeats": args.chattts_repeats})

@@ -17,6 +17,7 @@ struct AudioEngine::Stream {
   std::vector<float> state[2];  // ping-pong: state[cur] is the live one
   int cur = 0;
   int64_t emitted = 0;  // index of the next sample to emit
+  std::chrono::steady_clock::time_point first_emit;  // when sample 0 was emitted (the listener's clock)
   std::vector<float> out;  // emitted, not yet pulled
   int64_t out_first = 0;   // index of out[0]
 };
@@ -55,7 +56,8 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 AudioEngine::AudioEngine(const AudioSpec& spec) : spec_(spec) {
   if (spec.hidden < 2 || spec.state_size < 1 || spec.flush_samples < 1 || spec.samples_per_frame < 1 ||
-      spec.hop < 1 || spec.exact_lookahead < 0 || spec.max_chunk < 1 || spec.max_chunk > 4096)
+      spec.hop < 1 || spec.exact_lookahead < 0 || spec.max_chunk < 1 || spec.max_chunk > 4096 ||
+      spec.sample_rate < 1)
     throw Error("AudioSpec: sizes out of range");
   step_ = std::make_unique<Session>(spec.step, spec.device, spec.threads, spec.session_config, spec.own_threads);
   flush_ = std::make_unique<Session>(spec.flush, spec.device, spec.threads, spec.session_config, spec.own_threads);
@@ -174,13 +176,20 @@ AudioStats AudioEngine::stats() {
   return stats_;
 }
 
+// Steps end at fixed frame counts: every multiple of the chunk, the frame that makes the first audio (lookahead +
+// 1: do not wait for a full chunk then), and the end. So what a stream computes does not depend on when its
+// frames arrived or how busy the worker was: a stream's audio is the same, bit for bit, alone or among others.
+int64_t AudioEngine::next_boundary(const Stream& s, int64_t done) const {
+  int64_t b = (done / s.chunk + 1) * s.chunk;
+  if (done < s.lookahead + 1) b = std::min(b, s.lookahead + 1);
+  return b;
+}
+
 bool AudioEngine::has_work(const Stream& s) const {
   if (s.busy || s.done || s.cancelled) return false;
-  const int64_t pending = int64_t(s.pending.size()) / spec_.hidden;
   if (s.finished) return true;
-  if (pending >= s.chunk) return true;
-  // The first audio is due as soon as the frames in cover the lookahead: do not wait for a full chunk.
-  return s.emitted == 0 && pending > 0 && s.frames_in > s.lookahead;
+  const int64_t pending = int64_t(s.pending.size()) / spec_.hidden;
+  return pending > 0 && s.frames_done + pending >= next_boundary(s, s.frames_done);
 }
 
 void AudioEngine::worker() {
@@ -215,6 +224,7 @@ void AudioEngine::emit(Stream& s, const float* sig, int64_t first, int64_t n, in
     throw Error("audio stream " + std::to_string(s.id) + ": samples from " + std::to_string(lo) + " after " +
                 std::to_string(s.emitted));
   if (s.out.empty()) s.out_first = lo;
+  if (s.emitted == 0) s.first_emit = std::chrono::steady_clock::now();
   s.out.insert(s.out.end(), sig + (lo - first), sig + (hi - first));
   s.emitted = hi;
   stats_.samples += hi - lo;
@@ -222,17 +232,29 @@ void AudioEngine::emit(Stream& s, const float* sig, int64_t first, int64_t n, in
 
 void AudioEngine::run_stream(Stream& s, std::unique_lock<std::mutex>& lock) {
   const int64_t E = spec_.hidden, spf = spec_.samples_per_frame, S = spec_.state_size;
-  const int64_t n = int64_t(s.pending.size()) / E;
   const bool final = s.finished;
   const bool speculate = s.lookahead < spec_.exact_lookahead;
+  // The steps this run makes: up to each boundary the waiting frames reach (all of them at the end).
+  std::vector<int64_t> steps;
+  int64_t avail = int64_t(s.pending.size()) / E, pos = s.frames_done;
+  while (avail > 0) {
+    const int64_t need = std::min(next_boundary(s, pos) - pos, spec_.max_chunk);
+    if (avail < need && !final) break;
+    const int64_t m = std::min(need, avail);
+    steps.push_back(m);
+    pos += m;
+    avail -= m;
+  }
+  const int64_t n = pos - s.frames_done;
+  std::vector<float>& frames = taken_;  // the worker's own buffer: it only grows
+  frames.assign(s.pending.begin(), s.pending.begin() + n * E);
+  s.pending.erase(s.pending.begin(), s.pending.begin() + n * E);  // later frames stay for the next run
   s.busy = true;
-  std::vector<float> frames;
-  frames.swap(s.pending);  // the pushes go on into a fresh vector while the worker runs
   lock.unlock();
   std::string error;
   try {
-    for (int64_t off = 0; off < n;) {
-      const int64_t m = std::min(spec_.max_chunk, n - off);
+    int64_t off = 0;
+    for (const int64_t m : steps) {
       std::copy(frames.begin() + off * E, frames.begin() + (off + m) * E, in_.begin());
       int64_t done = s.frames_done, first = 0;
       Ort::Value ins[] = {view(in_.data(), {1, m, E}), view(s.state[s.cur].data(), {1, S}), view(&done, {1})};
@@ -256,8 +278,18 @@ void AudioEngine::run_stream(Stream& s, std::unique_lock<std::mutex>& lock) {
     if (final) {
       upto = total;
     } else if (speculate) {
+      // Speculate while the exact samples would not stay half a chunk ahead of real-time playback from the
+      // first sample (before the first sample: always). Half a chunk: the audio a listener plays while the GPT
+      // makes the next chunk at twice real time.
+      const int64_t exact_front = spf * (s.frames_done - spec_.exact_lookahead);
+      bool behind = s.emitted == 0;
+      if (!behind) {
+        const double played_s =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - s.first_emit).count();
+        behind = exact_front < int64_t(played_s * double(spec_.sample_rate)) + spf * s.chunk / 2;
+      }
       const int64_t target = std::min(total, spf * (s.frames_done - s.lookahead));
-      if (target > s.emitted) upto = target;
+      if (behind && target > s.emitted) upto = target;
     }
     if (upto >= 0) {  // the rest as if the utterance ended here (final: it does)
       int64_t done = s.frames_done, first = 0;

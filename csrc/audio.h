@@ -5,12 +5,14 @@
 // from a state) and one worker thread that serves every open stream, so the audio work runs beside the GPT's
 // and neither waits for the other. Each stream:
 // - takes frames as the GPT samples them (push) and the end of its utterance (finish);
-// - runs a step once `chunk` frames are waiting (sooner when that makes its first audio), ping-ponging two
-//   state buffers: no allocation per step;
+// - runs a step at every multiple of `chunk` frames and at the frame that makes its first audio (fixed
+//   boundaries: its audio does not depend on timing or on other streams), ping-ponging two state buffers;
 // - with lookahead = exact (52 for ChatTTS) emits only samples no later frame can change: the stream equals
 //   the whole-utterance decode to float rounding. With a smaller lookahead L it emits up to L frames from the
 //   newest one, computed by a flush of a copy-free read of the state as if the utterance ended there (the
-//   error decays fast with L; docs/AUDIO.md has the measurements);
+//   error decays fast with L; docs/AUDIO.md has the measurements) — but only while the exact samples would not
+//   stay half a chunk ahead of a listener who started playing at the first sample: once the GPT has run that far
+//   ahead of real time, the stream is exact again and the flushes stop;
 // - queues the emitted samples, with the index of the first, for pull.
 #pragma once
 
@@ -36,6 +38,7 @@ struct AudioSpec {
   int64_t samples_per_frame = 512;
   int64_t hop = 256;              // the utterance has samples_per_frame * frames - hop samples
   int64_t exact_lookahead = 52;
+  int64_t sample_rate = 24000;
   int64_t max_chunk = 64;         // frames per step at most (bounds the work buffers)
   std::string device = "cpu";
   int threads = 0;                // the process pool's size (creates the Env if this comes first)
@@ -84,6 +87,7 @@ class AudioEngine {
   struct Stream;
   void worker();
   bool has_work(const Stream& s) const;
+  int64_t next_boundary(const Stream& s, int64_t done) const;
   void run_stream(Stream& s, std::unique_lock<std::mutex>& lock);
   void emit(Stream& s, const float* sig, int64_t first, int64_t n, int64_t upto);
   std::shared_ptr<Stream> find(int64_t id);
@@ -98,7 +102,7 @@ class AudioEngine {
   bool closing_ = false;
   AudioStats stats_;
   // Work buffers of the one worker thread.
-  std::vector<float> in_, out_, flush_out_;
+  std::vector<float> in_, out_, flush_out_, taken_;
   std::thread thread_;
 };
 

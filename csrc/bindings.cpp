@@ -338,6 +338,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("samples_per_frame", &AudioSpec::samples_per_frame)
       .def_readwrite("hop", &AudioSpec::hop)
       .def_readwrite("exact_lookahead", &AudioSpec::exact_lookahead)
+      .def_readwrite("sample_rate", &AudioSpec::sample_rate)
       .def_readwrite("max_chunk", &AudioSpec::max_chunk)
       .def_readwrite("device", &AudioSpec::device)
       .def_readwrite("threads", &AudioSpec::threads)

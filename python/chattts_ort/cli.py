@@ -1,4 +1,4 @@
-"""`chattts-ort` command line: say, export, verify, quantize, memory, demo, bench, info."""
+"""`chattts-ort` command line: say, serve, export, verify, quantize, memory, demo, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -236,6 +236,19 @@ def _player(rate: int):
     return stream
 
 
+def _cmd_serve(args) -> int:
+    from .server import serve
+
+    model = args.model
+    if model is None:
+        model, why = demo_model(progress=True)
+        print(why)
+    serve(model, host=args.host, port=args.port, max_streams=args.max_streams, threads=args.threads,
+          voice_dir=args.voices, lookahead=args.lookahead, queue_timeout=args.queue_timeout, model_name=args.name,
+          log_level=args.log_level, batch_invariant=not args.no_batch_invariant)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     import runpy
     from pathlib import Path
@@ -319,6 +332,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="min_new_token (default 0; 150 with the random default model)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_say)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech), streamed")
+    s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--max-streams", type=_positive_int, default=4,
+                   help="concurrent requests batched in one decode loop; more wait in a queue")
+    s.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for a free stream before a 503 (default 30)")
+    s.add_argument("--voices", default=None, help="a folder of NAME.txt spk_emb strings, served as voices")
+    s.add_argument("--lookahead", type=int, default=None, help="default lookahead of the audio (default: exact)")
+    s.add_argument("--threads", type=_positive_int, default=None)
+    s.add_argument("--name", default="chattts", help="the model name clients use (OpenAI's tts-1 names work too)")
+    s.add_argument("--no-batch-invariant", action="store_true",
+                   help="let int4 requests' audio depend on who else runs (saves a row when one runs alone)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=_cmd_serve)
 
     s = sub.add_parser("demo", help="stream audio-code frames for a sentence and print the speed")
     s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a native core.")

@@ -160,3 +160,30 @@ def test_missing_audio_graph_is_named(export, tmp_path):
     (bad / "vocos.onnx").unlink()
     with pytest.raises(ExportError, match="vocos.onnx.*'vocos'.*missing"):
         Runtime.load(bad, threads=1)
+
+
+@pytest.mark.parametrize("kw,match", [({"audio": "yes"}, "audio must be"), ({"audio_threads": 0}, "audio_threads"),
+                                      ({"audio_threads": 10**6}, "audio_threads")])
+def test_bad_load_options(export, kw, match):
+    with pytest.raises(ValueError, match=match):
+        Runtime.load(export, threads=1, **kw)
+
+
+def test_speech_equals_chattts_decoder_and_vocos(rt):
+    """End to end: the runtime's speech equals ChatTTS's own Decoder + Vocos (the raw vocoder output) run on the
+    same frames' hidden states."""
+    import torch
+
+    from chattts_ort.checks.audio_reference import load_reference
+    from chattts_ort.export.sources import random_asset_folder
+
+    ref, why = load_reference(random_asset_folder("tiny"), rt.config["hidden_size"])
+    if ref is None:
+        pytest.skip(why)
+    gen = rt.generate(TEXT, params=InferCodeParams(max_new_token=90, min_new_token=90, manual_seed=7,
+                                                   return_hidden=True))
+    h = torch.from_numpy(gen.hidden[0]).T[None].contiguous()  # ChatTTS's [1, 768, T]
+    want = ref.vocos(ref.decoder(h))[0].numpy()
+    got = joined(list(rt.stream_audio(TEXT, params=params(), chunk_frames=16)))
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
