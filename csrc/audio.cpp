@@ -17,6 +17,7 @@ struct AudioEngine::Stream {
   std::vector<float> state[2];  // ping-pong: state[cur] is the live one
   int cur = 0;
   int64_t emitted = 0;  // index of the next sample to emit
+  std::chrono::steady_clock::time_point opened = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point first_emit;  // when sample 0 was emitted (the listener's clock)
   std::vector<float> out;  // emitted, not yet pulled
   int64_t out_first = 0;   // index of out[0]
@@ -194,7 +195,6 @@ bool AudioEngine::has_work(const Stream& s) const {
 
 void AudioEngine::worker() {
   std::unique_lock<std::mutex> lock(mu_);
-  int64_t last = 0;  // round robin over stream ids
   while (true) {
     std::shared_ptr<Stream> pick;
     work_cv_.wait(lock, [&] {
@@ -204,13 +204,22 @@ void AudioEngine::worker() {
       return false;
     });
     if (closing_) return;
-    auto it = streams_.upper_bound(last);
-    for (size_t k = 0; k < streams_.size() && !pick; ++k, ++it) {
-      if (it == streams_.end()) it = streams_.begin();
-      if (has_work(*it->second)) pick = it->second;
+    // Earliest deadline first: a stream's deadline is when its listener runs out of audio (playing from its
+    // first sample in real time); one still waiting for its first audio is due since it opened. So first audio
+    // and a stream about to run dry go before streams that are well ahead.
+    std::chrono::steady_clock::time_point best{};
+    for (auto& kv : streams_) {
+      const Stream& s = *kv.second;
+      if (!has_work(s)) continue;
+      const auto due = s.emitted == 0 ? s.opened
+                                      : s.first_emit + std::chrono::microseconds(
+                                            int64_t(1e6 * double(s.emitted) / double(spec_.sample_rate)));
+      if (!pick || due < best) {
+        pick = kv.second;
+        best = due;
+      }
     }
     if (!pick) continue;
-    last = pick->id;
     run_stream(*pick, lock);
     out_cv_.notify_all();
   }

@@ -2,8 +2,9 @@
 //
 // One AudioEngine holds the streaming graphs (audio_step: a chunk of new frames through the Decoder and Vocos,
 // every conv keeping a cache of its last inputs in a per-stream state; audio_flush: the rest of the utterance
-// from a state) and one worker thread that serves every open stream, so the audio work runs beside the GPT's
-// and neither waits for the other. Each stream:
+// from a state) and one worker thread that serves every open stream (earliest deadline first: the stream whose
+// listener would run out of audio soonest), so the audio work runs beside the GPT's and neither waits for the
+// other. Each stream:
 // - takes frames as the GPT samples them (push) and the end of its utterance (finish);
 // - runs a step at every multiple of `chunk` frames and at the frame that makes its first audio (fixed
 //   boundaries: its audio does not depend on timing or on other streams), ping-ponging two state buffers;
