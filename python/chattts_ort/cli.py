@@ -245,7 +245,7 @@ def _cmd_serve(args) -> int:
         print(why)
     serve(model, host=args.host, port=args.port, max_streams=args.max_streams, threads=args.threads,
           voice_dir=args.voices, lookahead=args.lookahead, queue_timeout=args.queue_timeout, model_name=args.name,
-          log_level=args.log_level, batch_invariant=not args.no_batch_invariant)
+          log_level=args.log_level, batch_invariant=not args.no_batch_invariant, max_context=args.max_context)
     return 0
 
 
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="chattts", help="the model name clients use (OpenAI's tts-1 names work too)")
     s.add_argument("--no-batch-invariant", action="store_true",
                    help="let int4 requests' audio depend on who else runs (saves a row when one runs alone)")
+    s.add_argument("--max-context", type=_positive_int, default=None,
+                   help="KV positions per stream, allocated at start (default 2048: ~250 MB per stream)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=_cmd_serve)
 

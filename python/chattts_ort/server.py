@@ -231,19 +231,22 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_streams: int = 4, threads=None,
           voice_dir=None, lookahead=None, queue_timeout: float = 30.0, model_name: str = "chattts",
-          log_level: str = "info", batch_invariant: bool = True) -> None:
+          log_level: str = "info", batch_invariant: bool = True, max_context=None) -> None:
     """Load MODEL and serve it until interrupted. batch_invariant (default): a request's audio does not depend on
-    the others running beside it (Runtime.load's batch_invariant; at int4 it costs one extra row when alone)."""
+    the others running beside it (Runtime.load's batch_invariant; at int4 it costs one extra row when alone).
+    max_context: KV positions per stream (Runtime.load's; the KV cache of every stream is allocated at start:
+    ~250 MB per stream at 2048 for ChatTTS). A request is cut at max_context - its prompt frames."""
     try:
         import uvicorn
     except ImportError as e:
         raise RuntimeError(f"chattts-ort serve needs the serve extra (pip install 'chattts-ort[serve]'): {e}") from None
     from .runtime import Runtime
 
-    rt = Runtime.load(model, threads=threads, max_streams=max(2, max_streams), batch_invariant=batch_invariant)
+    rt = Runtime.load(model, threads=threads, max_streams=max(2, max_streams), batch_invariant=batch_invariant,
+                      max_context=max_context)
     voices = load_voices(voice_dir, rt.config["hidden_size"])
     app = create_app(rt, model_name=model_name, voices=voices, default_lookahead=lookahead,
-                     queue_timeout=queue_timeout)
+                     queue_timeout=queue_timeout, max_new_token=min(2048, rt.max_context - 1))
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

@@ -193,3 +193,34 @@ def test_a_client_that_leaves_frees_its_row(server):
         time.sleep(0.05)
     assert _stats(rt)["active"] == 0
     assert post(server, response_format="pcm", input="after").status_code == 200
+
+
+def test_serve_command(export):
+    """`chattts-ort serve` itself, as a user starts it (a subprocess on a free loopback port)."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, "-m", "chattts_ort.cli", "serve", "--model", str(export), "--port",
+                          str(port), "--max-streams", "2", "--max-context", "256", "--threads", "1",
+                          "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                h = httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert p.poll() is None, p.stderr.read()
+                assert time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert h.json()["max_streams"] == 2
+        r = httpx.post(url + "/v1/audio/speech", json={"input": "hello", "response_format": "wav", "seed": 1,
+                                                      "max_new_token": 30, "min_new_token": 30}, timeout=60)
+        assert r.status_code == 200 and len(r.content) == 44 + 2 * (512 * 30 - 256)
+        too_long = httpx.post(url + "/v1/audio/speech", json={"input": "hello", "max_new_token": 1000}, timeout=60)
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_new_token"
+    finally:
+        p.terminate()
+        p.wait(20)
