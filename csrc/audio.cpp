@@ -81,7 +81,24 @@ AudioEngine::AudioEngine(const AudioSpec& spec) : spec_(spec) {
   grow(in_, checked_product({spec.max_chunk, spec.hidden}, "audio input"));
   grow(out_, checked_product({spec.max_chunk, spec.samples_per_frame}, "audio output"));
   grow(flush_out_, spec.flush_samples);
+  warm_up();
   thread_ = std::thread([this] { worker(); });
+}
+
+// One step and one flush on silence at load: the first Run of a graph allocates its arena and prepacks its
+// weights, which would otherwise land on the first stream's first audio.
+void AudioEngine::warm_up() {
+  const int64_t E = spec_.hidden, S = spec_.state_size, spf = spec_.samples_per_frame;
+  std::vector<float> state(size_t(S), 0.0f), state_out(size_t(S), 0.0f);
+  std::fill(in_.begin(), in_.begin() + E, 0.0f);
+  int64_t done = 0, first = 0;
+  Ort::Value ins[] = {view(in_.data(), {1, 1, E}), view(state.data(), {1, S}), view(&done, {1})};
+  Ort::Value outs[] = {view(out_.data(), {1, spf}), view(state_out.data(), {1, S}), view(&first, {1})};
+  step_->run(run_opts_, ins, 3, outs, 3);
+  done = 1;
+  Ort::Value fins[] = {view(state_out.data(), {1, S}), view(&done, {1})};
+  Ort::Value fouts[] = {view(flush_out_.data(), {1, spec_.flush_samples}), view(&first, {1})};
+  flush_->run(run_opts_, fins, 2, fouts, 2);
 }
 
 AudioEngine::~AudioEngine() { close(); }

@@ -87,6 +87,7 @@ class AudioEngine {
  private:
   struct Stream;
   void worker();
+  void warm_up();
   bool has_work(const Stream& s) const;
   int64_t next_boundary(const Stream& s, int64_t done) const;
   void run_stream(Stream& s, std::unique_lock<std::mutex>& lock);
