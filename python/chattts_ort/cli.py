@@ -185,7 +185,7 @@ def _cmd_say(args) -> int:
         print(why)
     rt = Runtime.load(folder, device=args.device, threads=args.threads)
     if not rt.has_audio:
-        raise RuntimeError(f"{folder}: {rt._audio_why}")
+        raise RuntimeError(f"{folder}: {rt.no_audio_reason}")
     min_frames = args.min_frames if args.min_frames is not None else (0 if args.model else min(150, args.frames))
     params = InferCodeParams(max_new_token=args.frames, min_new_token=min_frames, manual_seed=args.seed,
                              spk_emb=_voice(args.voice, rt.config["hidden_size"]))

@@ -147,7 +147,7 @@ class Runtime:
         self._tokenizer = tokenizer
         self.max_streams = 1
         self._scheduler = None              # the batched loop of concurrent streams (max_streams > 1)
-        self._audio = None                  # the audio path's engine (None: codes only, see _audio_why)
+        self._audio = None                  # the audio path's engine (None: codes only, see no_audio_reason)
         self._audio_why = "not loaded"
         self._busy = threading.Lock()      # held by the one live generation
         self._stepping = threading.Lock()  # held while a step runs in the core
@@ -591,6 +591,11 @@ class Runtime:
     @property
     def has_audio(self) -> bool:
         return self._audio is not None
+
+    @property
+    def no_audio_reason(self) -> Optional[str]:
+        """Why this Runtime cannot speak (None when it can)."""
+        return None if self._audio is not None else self._audio_why
 
     @property
     def sample_rate(self) -> int:

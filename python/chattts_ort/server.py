@@ -74,7 +74,7 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
     from . import InferCodeParams, RefineTextParams
 
     if not rt.has_audio:
-        raise ValueError(f"the model cannot speak: {rt._audio_why}")
+        raise ValueError(f"the model cannot speak: {rt.no_audio_reason}")
     voices = voices if voices is not None else load_voices(None, rt.config["hidden_size"])
     models = {model_name, "tts-1", "tts-1-hd", "gpt-4o-mini-tts"}  # OpenAI's names reach the one model too
     refine_lock = threading.Lock()  # text refinement runs on the Runtime's single generation state
