@@ -1,13 +1,15 @@
 """Load test of `chattts-ort serve`: N concurrent clients on loopback, each streaming one utterance.
 
     python bench/serve.py [--model full|tiny] [--precision int4] [--clients 1 4 8 16] [--seconds 10]
-                          [--lookahead 52 24]
+                          [--lookahead 52 24] [--ray REPLICAS]
 
 The server runs in its own process (127.0.0.1, a free port, --max-streams = the largest N). Per N: time to the
 first audio byte (p50, p99, from each request), each client's real-time factor (its wall time over its audio's
 length; <= 1 means it received audio at least as fast as it plays), the aggregate (audio seconds served per
 wall second), every stream complete and bit-identical to the same request made alone, and the server's resident
-memory after each round. Bounded: one request per client per round, a timeout on every request.
+memory after each round (the whole process tree: with --ray, Ray's processes and replicas too). --ray N serves
+through Ray Serve instead of uvicorn (a local Ray, N replicas of --threads / N threads and --max-streams / N rows
+each). Bounded: one request per client per round, a timeout on every request.
 Results: bench/results/DATE-serve-MODEL.{json,md}.
 """
 from __future__ import annotations
@@ -34,8 +36,18 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    """Resident memory of PID and all its descendants."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
 
 
 def request(url: str, body: dict, timeout: float = 600) -> dict:
@@ -71,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each utterance")
     ap.add_argument("--lookahead", nargs="+", type=int, default=[52, 24])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ray", type=int, default=0, metavar="REPLICAS", help="serve through Ray Serve with N replicas")
+    ap.add_argument("--tag", default="", help="appended to the result file names")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     stamp = datetime.now(timezone.utc)
@@ -78,11 +92,16 @@ def main(argv=None) -> int:
     frames = int(round(args.seconds * FRAMES_PER_S))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    replicas = max(1, args.ray)
     cmd = [sys.executable, "-m", "chattts_ort.cli", "serve", "--model", export, "--port", str(port), "--max-streams",
-           str(max(args.clients)), "--threads", str(args.threads), "--log-level", "warning", "--queue-timeout", "600"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           str(max(1, max(args.clients) // replicas)), "--threads", str(max(1, args.threads // replicas)),
+           "--log-level", "warning", "--queue-timeout", "600"]
+    if args.ray:
+        cmd += ["--ray", "--replicas", str(args.ray)]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     res = {"date": stamp.isoformat(timespec="seconds"), "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-           "model": args.model, "precision": args.precision, "seconds": args.seconds, "frames": frames,
+           "model": args.model, "precision": args.precision, "server": f"ray, {replicas} replicas" if args.ray else "uvicorn", "seconds": args.seconds, "frames": frames,
            "command": "python bench/serve.py " + " ".join(argv or sys.argv[1:]), "rounds": []}
     try:
         deadline = time.time() + 300
@@ -128,10 +147,14 @@ def main(argv=None) -> int:
                       f"{row['aggregate_x_realtime']:.2f}x real time, server RSS {row['server_rss_mb']:.0f} MB",
                       flush=True)
     finally:
-        server.terminate()
-        server.wait(30)
+        server.send_signal(2)  # SIGINT: a Ray server shuts its replicas and Ray down
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
     lines = [f"# chattts-ort serve under load ({stamp:%Y-%m-%d})", "",
-             f"Machine: {res['machine']}. Model: random weights, {args.model} shape, GPT {args.precision}, audio fp32; "
+             f"Machine: {res['machine']}. Server: {res['server']}. Model: random weights, {args.model} shape, "
+             f"GPT {args.precision}, audio fp32; "
              f"each request {args.seconds:.0f} s of speech ({frames} frames), pcm, loopback. Command: `{res['command']}`",
              "", "| lookahead | clients | complete | identical to solo | first byte p50 s | p99 s | slowest client RTF "
                  "| aggregate x real time | server RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -141,7 +164,8 @@ def main(argv=None) -> int:
                      f"{r['aggregate_x_realtime']:.2f} | {r['server_rss_mb']:.0f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{stamp:%Y-%m-%d}-serve-{args.model}"
+    base = out / (f"{stamp:%Y-%m-%d}-serve-{args.model}" + (f"-ray{args.ray}" if args.ray else "")
+                 + (f"-{args.tag}" if args.tag else ""))
     Path(f"{base}.json").write_text(json.dumps(res, indent=2))
     Path(f"{base}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -243,6 +243,18 @@ def _cmd_serve(args) -> int:
     if model is None:
         model, why = demo_model(progress=True)
         print(why)
+    if args.ray or args.replicas or args.max_replicas or args.ray_address:
+        try:
+            from .ray_serve import RayServeArgs, run
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ray_args = RayServeArgs(model=model, max_streams=args.max_streams, threads=args.threads or 2,
+                                replicas=args.replicas, max_replicas=args.max_replicas, voices=args.voices,
+                                lookahead=args.lookahead, queue_timeout=args.queue_timeout, name=args.name,
+                                batch_invariant=not args.no_batch_invariant, max_context=args.max_context)
+        run(ray_args, host=args.host, port=args.port, address=args.ray_address)
+        return 0
     serve(model, host=args.host, port=args.port, max_streams=args.max_streams, threads=args.threads,
           voice_dir=args.voices, lookahead=args.lookahead, queue_timeout=args.queue_timeout, model_name=args.name,
           log_level=args.log_level, batch_invariant=not args.no_batch_invariant, max_context=args.max_context)
@@ -350,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=_positive_int, default=None,
                    help="KV positions per stream, allocated at start (default 2048: ~250 MB per stream)")
     s.add_argument("--log-level", default="info")
+    g = s.add_argument_group("scale-out on Ray Serve (the ray extra; one engine of --max-streams rows per replica)")
+    g.add_argument("--ray", action="store_true", help="serve through Ray Serve's HTTP proxy instead of uvicorn")
+    g.add_argument("--replicas", type=_positive_int, default=None, help="a fixed number of replicas (default 1)")
+    g.add_argument("--max-replicas", type=_positive_int, default=None,
+                   help="autoscale from 1 to this many replicas on ongoing requests")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: a local Ray on this host)")
     s.set_defaults(fn=_cmd_serve)
 
     s = sub.add_parser("demo", help="stream audio-code frames for a sentence and print the speed")

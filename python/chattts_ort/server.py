@@ -64,8 +64,11 @@ class ApiError(Exception):
 
 
 def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]] = None,
-               default_lookahead: Optional[int] = None, queue_timeout: float = 30.0, max_new_token: int = 2048):
-    """The FastAPI app serving `rt` (a loaded Runtime with its audio path; max_streams > 1 for concurrency)."""
+               default_lookahead: Optional[int] = None, queue_timeout: float = 30.0, max_new_token: int = 2048,
+               served_by: Optional[str] = None):
+    """The FastAPI app serving `rt` (a loaded Runtime with its audio path; max_streams > 1 for concurrency).
+    served_by: a name for this server (a Ray Serve replica's id), sent as the X-Served-By header of each speech
+    response and in /health, so a client can tell replicas apart."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -116,7 +119,8 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "max_streams": rt.max_streams, "sample_rate": rt.sample_rate}
+        return {"status": "ok", "model": model_name, "max_streams": rt.max_streams, "sample_rate": rt.sample_rate,
+                "served_by": served_by}
 
     @app.get("/v1/models")
     async def list_models():
@@ -224,29 +228,42 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
                 await asyncio.to_thread(frames.close)
 
         media = "text/event-stream" if sse else MEDIA_TYPES[req.response_format]
-        return StreamingResponse(body(), media_type=media)
+        headers = {"X-Served-By": served_by} if served_by else None
+        return StreamingResponse(body(), media_type=media, headers=headers)
 
     return app
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_streams: int = 4, threads=None,
-          voice_dir=None, lookahead=None, queue_timeout: float = 30.0, model_name: str = "chattts",
-          log_level: str = "info", batch_invariant: bool = True, max_context=None) -> None:
-    """Load MODEL and serve it until interrupted. batch_invariant (default): a request's audio does not depend on
-    the others running beside it (Runtime.load's batch_invariant; at int4 it costs one extra row when alone).
-    max_context: KV positions per stream (Runtime.load's; the KV cache of every stream is allocated at start:
-    ~250 MB per stream at 2048 for ChatTTS). A request is cut at max_context - its prompt frames."""
-    try:
-        import uvicorn
-    except ImportError as e:
-        raise RuntimeError(f"chattts-ort serve needs the serve extra (pip install 'chattts-ort[serve]'): {e}") from None
+def load_server(model: str, max_streams: int = 4, threads=None, voice_dir=None, lookahead=None,
+                queue_timeout: float = 30.0, model_name: str = "chattts", batch_invariant: bool = True,
+                max_context=None, served_by: Optional[str] = None):
+    """Load MODEL and build its app: (runtime, app). The one recipe behind `chattts-ort serve` and each Ray Serve
+    replica (ray_serve.py). batch_invariant (default): a request's audio does not depend on the others running
+    beside it (Runtime.load's batch_invariant; at int4 it costs one extra row when alone). max_context: KV positions
+    per stream (Runtime.load's; the KV cache of every stream is allocated at start: ~250 MB per stream at 2048 for
+    ChatTTS). A request is cut at max_context - its prompt frames."""
     from .runtime import Runtime
 
     rt = Runtime.load(model, threads=threads, max_streams=max(2, max_streams), batch_invariant=batch_invariant,
                       max_context=max_context)
-    voices = load_voices(voice_dir, rt.config["hidden_size"])
-    app = create_app(rt, model_name=model_name, voices=voices, default_lookahead=lookahead,
-                     queue_timeout=queue_timeout, max_new_token=min(2048, rt.max_context - 1))
+    try:
+        voices = load_voices(voice_dir, rt.config["hidden_size"])
+        app = create_app(rt, model_name=model_name, voices=voices, default_lookahead=lookahead,
+                         queue_timeout=queue_timeout, max_new_token=min(2048, rt.max_context - 1),
+                         served_by=served_by)
+    except BaseException:
+        rt.close()
+        raise
+    return rt, app
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **settings) -> None:
+    """Load MODEL and serve it with uvicorn until interrupted; `settings` are load_server's."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise RuntimeError(f"chattts-ort serve needs the serve extra (pip install 'chattts-ort[serve]'): {e}") from None
+    rt, app = load_server(model, **settings)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
