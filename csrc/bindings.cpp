@@ -168,6 +168,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("head_text", &ModelSpec::head_text)
       .def_readwrite("sample", &ModelSpec::sample)
       .def_readwrite("layers", &ModelSpec::layers)
+      .def_readwrite("num_layers", &ModelSpec::num_layers)
+      .def_readwrite("layers_per_graph", &ModelSpec::layers_per_graph)
       .def_readwrite("hidden", &ModelSpec::hidden)
       .def_readwrite("heads", &ModelSpec::heads)
       .def_readwrite("head_dim", &ModelSpec::head_dim)

@@ -2,6 +2,7 @@
 
 #include "kv_cache.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -12,8 +13,6 @@ namespace {
 const std::vector<std::string> kEmbedIn = {"input_ids", "text_mask", "speaker", "position_ids", "key_mask"};
 const std::vector<std::string> kEmbedOut = {"hidden", "cos", "sin", "attn_bias"};
 const std::vector<std::string> kLayerInPortable = {"hidden", "cos", "sin", "attn_bias", "past_key", "past_value"};
-const std::vector<std::string> kLayerInFused = {"hidden", "past_key", "past_value", "seqlens_k",
-                                                "total_sequence_length", "cos_cache", "sin_cache"};
 const std::vector<std::string> kLayerOut = {"hidden_out", "present_key", "present_value"};
 const std::vector<std::string> kHeadIn = {"hidden"};
 const std::vector<std::string> kHeadOut = {"logits", "last_hidden"};
@@ -46,19 +45,27 @@ std::string layer_block_name(size_t i) {
   return buf;
 }
 
-void bind_fused_layer(Ort::IoBinding& io, const Ort::Value& hidden, const Ort::Value& hidden_out,
-                      const Ort::Value& kv_key, const Ort::Value& kv_value, const Ort::Value& seqlens_k,
-                      const Ort::Value& total_len, const Ort::Value& cos_cache, const Ort::Value& sin_cache) {
+KVNames fused_kv_names(size_t j, size_t layers_per_graph) {
+  const std::string sfx = layers_per_graph == 1 ? "" : "_" + std::to_string(j);
+  return {"past_key" + sfx, "past_value" + sfx, "present_key" + sfx, "present_value" + sfx};
+}
+
+void bind_fused_common(Ort::IoBinding& io, const Ort::Value& hidden, const Ort::Value& hidden_out,
+                       const Ort::Value& seqlens_k, const Ort::Value& total_len, const Ort::Value& cos_cache,
+                       const Ort::Value& sin_cache) {
   io.BindInput("hidden", hidden);
-  io.BindInput("past_key", kv_key);
-  io.BindInput("past_value", kv_value);
   io.BindInput("seqlens_k", seqlens_k);
   io.BindInput("total_sequence_length", total_len);
   io.BindInput("cos_cache", cos_cache);
   io.BindInput("sin_cache", sin_cache);
   io.BindOutput("hidden_out", hidden_out);
-  io.BindOutput("present_key", kv_key);
-  io.BindOutput("present_value", kv_value);
+}
+
+void bind_fused_kv(Ort::IoBinding& io, const KVNames& names, const Ort::Value& kv_key, const Ort::Value& kv_value) {
+  io.BindInput(names.past_key.c_str(), kv_key);
+  io.BindInput(names.past_value.c_str(), kv_value);
+  io.BindOutput(names.present_key.c_str(), kv_key);
+  io.BindOutput(names.present_value.c_str(), kv_value);
 }
 
 void Model::check_block(const Session& s, const std::string& name, const std::vector<std::string>& ins,
@@ -88,6 +95,22 @@ Model::Model(const ModelSpec& spec) : spec_(spec) {
   if (spec_.layer_form != "portable" && spec_.layer_form != "fused")
     throw Error("unknown layer_form '" + spec_.layer_form + "'");
   if (spec_.kv_fp16 && !fused()) throw Error("an fp16 KV cache needs the fused layer form");
+  if (spec_.num_layers == 0 && spec_.layers_per_graph == 1) spec_.num_layers = int64_t(spec_.layers.size());
+  if (spec_.layers_per_graph < 1 || spec_.layers_per_graph > spec_.num_layers)
+    throw Error("layers_per_graph must be in [1, num_layers]");
+  if (spec_.layers_per_graph > 1 && !fused()) throw Error("several layers per graph need the fused layer form");
+  {
+    const int64_t N = spec_.layers_per_graph, graphs = (spec_.num_layers + N - 1) / N;
+    if (int64_t(spec_.layers.size()) != graphs)
+      throw Error("model spec lists " + std::to_string(spec_.layers.size()) + " layer graphs; " +
+                  std::to_string(spec_.num_layers) + " layers at " + std::to_string(N) + " per graph make " +
+                  std::to_string(graphs));
+    for (int64_t g = 0; g < graphs; ++g) {
+      const int64_t n = std::min(N, spec_.num_layers - g * N);
+      kv_names_.emplace_back();
+      for (int64_t j = 0; j < n; ++j) kv_names_.back().push_back(fused_kv_names(size_t(j), size_t(N)));
+    }
+  }
   if (spec_.max_context < 2) throw Error("max_context must be at least 2");
   if (spec_.hidden < 1 || spec_.heads < 1 || spec_.head_dim < 2 || spec_.num_vq < 1 || spec_.vocab_code < 2 ||
       spec_.vocab_text < 2 || spec_.hidden != spec_.heads * spec_.head_dim)
@@ -111,15 +134,28 @@ Model::Model(const ModelSpec& spec) : spec_(spec) {
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Session& s = *layers_[i];
     const std::string name = layer_block_name(i);
-    check_block(s, name, fused() ? kLayerInFused : kLayerInPortable, kLayerOut);
+    if (fused()) {
+      std::vector<std::string> ins = {"hidden"}, outs = {"hidden_out"};
+      for (auto& k : kv_names_[i]) {
+        ins.insert(ins.end(), {k.past_key, k.past_value});
+        outs.insert(outs.end(), {k.present_key, k.present_value});
+      }
+      ins.insert(ins.end(), {"seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"});
+      check_block(s, name, ins, outs);
+    } else {
+      check_block(s, name, kLayerInPortable, kLayerOut);
+    }
     expect_dim(s, name, find(s.inputs(), "hidden"), 2, E, "hidden size");
     expect_dim(s, name, find(s.outputs(), "hidden_out"), 2, E, "hidden size");
-    const TensorInfo* pk = find(s.inputs(), "past_key");
-    expect_dim(s, name, pk, fused() ? 1 : 2, H, "heads");
-    expect_dim(s, name, pk, 3, D, "head size");
-    if (fused() && pk && pk->type != (spec_.kv_fp16 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT))
-      throw Error("block " + name + " (" + s.path() + "): its KV cache is " + dtype_name(pk->type) +
-                  ", the manifest says kv_dtype " + (spec_.kv_fp16 ? "fp16" : "fp32"));
+    for (auto& k : kv_names_[i]) {
+      const TensorInfo* pk = find(s.inputs(), fused() ? k.past_key : "past_key");
+      expect_dim(s, name, pk, fused() ? 1 : 2, H, "heads");
+      expect_dim(s, name, pk, 3, D, "head size");
+      if (fused() && pk &&
+          pk->type != (spec_.kv_fp16 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT))
+        throw Error("block " + name + " (" + s.path() + "): its KV cache is " + dtype_name(pk->type) +
+                    ", the manifest says kv_dtype " + (spec_.kv_fp16 ? "fp16" : "fp32"));
+    }
   }
   check_block(*head_code_, "head_code", kHeadIn, kHeadOut);
   check_block(*head_text_, "head_text", kHeadIn, kHeadOut);
@@ -173,8 +209,7 @@ Session& Model::block(const std::string& name) {
 }
 
 int64_t Model::kv_bytes_per_row(int64_t max_context) const {
-  return KVCache::bytes_per_row(int64_t(spec_.layers.size()), spec_.heads, spec_.head_dim, max_context,
-                                spec_.kv_fp16);
+  return KVCache::bytes_per_row(spec_.num_layers, spec_.heads, spec_.head_dim, max_context, spec_.kv_fp16);
 }
 
 }  // namespace chattts

@@ -56,9 +56,9 @@ Scheduler::Scheduler(std::shared_ptr<Model> model, int64_t max_streams, int64_t 
   d_embed_ = model_->embed().make_binding();
   d_head_ = model_->head(false).make_binding();
   d_sample_ = model_->sample().make_binding();
-  for (size_t l = 0; l < model_->num_layers(); ++l) {
-    p_layers_.push_back(model_->layer(l).make_binding());
-    d_layers_.push_back(model_->layer(l).make_binding());
+  for (size_t g = 0; g < model_->num_graphs(); ++g) {
+    p_layers_.push_back(model_->layer_graph(g).make_binding());
+    d_layers_.push_back(model_->layer_graph(g).make_binding());
   }
   worker_ = std::thread([this] { loop(); });
 }
@@ -333,13 +333,15 @@ void Scheduler::prefill(int64_t r, std::vector<Outcome>& out) {
   const int64_t slab = r * H * M * D;  // row r's [1, H, M, D] slab of the cache
   float* cur = p_h0_.data();
   float* nxt = p_h1_.data();
-  for (size_t l = 0; l < model_->num_layers(); ++l) {
-    Ort::IoBinding& io = p_layers_[l];
-    bind_fused_layer(io, view(cur, {1, T, E}), view(nxt, {1, T, E}), view(kv_.key(l, slab), kv_type, {1, H, M, D}),
-                     view(kv_.value(l, slab), kv_type, {1, H, M, D}), sl, tot, cosc, sinc);
-    model_->layer(l).run(run_opts_, io);
+  for (size_t g = 0; g < model_->num_graphs(); ++g) {
+    Ort::IoBinding& io = p_layers_[g];
+    bind_fused_common(io, view(cur, {1, T, E}), view(nxt, {1, T, E}), sl, tot, cosc, sinc);
+    for (size_t j = 0, l = model_->first_layer(g); j < model_->graph_layers(g); ++j, ++l)
+      bind_fused_kv(io, model_->kv_names(g, j), view(kv_.key(l, slab), kv_type, {1, H, M, D}),
+                    view(kv_.value(l, slab), kv_type, {1, H, M, D}));
+    model_->layer_graph(g).run(run_opts_, io);
     std::swap(cur, nxt);
-    check_finite(cur, size_t(T * E), layer_block_name(l), row);
+    check_finite(cur, size_t(T * E), layer_block_name(g), row);
   }
   p_head_.BindInput("hidden", view(cur + (T - 1) * E, {1, 1, E}));
   p_head_.BindOutput("logits", view(logits_.data(), {1, m.num_vq, m.vocab_code}));
@@ -387,9 +389,11 @@ void Scheduler::decode(const std::vector<int64_t>& runnable, int64_t hi, std::ve
     Ort::Value sinc = view(model_->sin_cache(), kv_type, {M, D / 2});
     float* a = h0_.data();
     float* b = h1_.data();
-    for (size_t l = 0; l < model_->num_layers(); ++l) {
-      bind_fused_layer(d_layers_[l], view(a, {B, 1, E}), view(b, {B, 1, E}), view(kv_.key(l), kv_type, {B, H, M, D}),
-                       view(kv_.value(l), kv_type, {B, H, M, D}), sl, tot, cosc, sinc);
+    for (size_t g = 0; g < model_->num_graphs(); ++g) {
+      bind_fused_common(d_layers_[g], view(a, {B, 1, E}), view(b, {B, 1, E}), sl, tot, cosc, sinc);
+      for (size_t j = 0, l = model_->first_layer(g); j < model_->graph_layers(g); ++j, ++l)
+        bind_fused_kv(d_layers_[g], model_->kv_names(g, j), view(kv_.key(l), kv_type, {B, H, M, D}),
+                      view(kv_.value(l), kv_type, {B, H, M, D}));
       std::swap(a, b);
     }
     d_head_.BindInput("hidden", view(a, {B, 1, E}));
@@ -400,10 +404,10 @@ void Scheduler::decode(const std::vector<int64_t>& runnable, int64_t hi, std::ve
   model_->embed().run(run_opts_, d_embed_);
   float* cur = h0_.data();
   float* nxt = h1_.data();
-  for (size_t l = 0; l < model_->num_layers(); ++l) {
-    model_->layer(l).run(run_opts_, d_layers_[l]);
+  for (size_t g = 0; g < model_->num_graphs(); ++g) {
+    model_->layer_graph(g).run(run_opts_, d_layers_[g]);
     std::swap(cur, nxt);
-    for (int64_t r : runnable) check_finite(cur + r * E, size_t(E), layer_block_name(l), rows_[size_t(r)]);
+    for (int64_t r : runnable) check_finite(cur + r * E, size_t(E), layer_block_name(g), rows_[size_t(r)]);
   }
   model_->head(false).run(run_opts_, d_head_);
   sample_rows(runnable, B, false, out);

@@ -29,7 +29,7 @@ State::State(std::shared_ptr<Model> model, int64_t max_batch)
   head_code_b_ = model_->head(false).make_binding();
   head_text_b_ = model_->head(true).make_binding();
   sample_b_ = model_->sample().make_binding();
-  for (size_t l = 0; l < model_->num_layers(); ++l) layer_b_.push_back(model_->layer(l).make_binding());
+  for (size_t g = 0; g < model_->num_graphs(); ++g) layer_b_.push_back(model_->layer_graph(g).make_binding());
   // The KV cache for max_batch rows at the full context is allocated here, once.
   ensure_capacity(max_batch, 1);
 }
@@ -191,16 +191,18 @@ void State::run_layers(int64_t S, int64_t P, bool bind) {
       Ort::Value sinc = view(model_->sin_cache(), kv_type, {M, D / 2});
       float* a = cur;
       float* b = nxt;
-      for (size_t l = 0; l < model_->num_layers(); ++l) {
-        bind_fused_layer(layer_b_[l], view(a, {B, S, E}), view(b, {B, S, E}), view(kv_.key(l), kv_type, {B, H, M, D}),
-                         view(kv_.value(l), kv_type, {B, H, M, D}), seqlens, total, cosc, sinc);
+      for (size_t g = 0; g < model_->num_graphs(); ++g) {
+        bind_fused_common(layer_b_[g], view(a, {B, S, E}), view(b, {B, S, E}), seqlens, total, cosc, sinc);
+        for (size_t j = 0, l = model_->first_layer(g); j < model_->graph_layers(g); ++j, ++l)
+          bind_fused_kv(layer_b_[g], model_->kv_names(g, j), view(kv_.key(l), kv_type, {B, H, M, D}),
+                        view(kv_.value(l), kv_type, {B, H, M, D}));
         std::swap(a, b);
       }
     }
-    for (size_t l = 0; l < model_->num_layers(); ++l) {
-      model_->layer(l).run(run_opts_, layer_b_[l]);
+    for (size_t g = 0; g < model_->num_graphs(); ++g) {
+      model_->layer_graph(g).run(run_opts_, layer_b_[g]);
       std::swap(cur, nxt);
-      check(cur, l);
+      check(cur, g);
     }
   } else {
     Ort::Value cos = view(cos_.data(), {B, S, D}), sin = view(sin_.data(), {B, S, D});
@@ -217,7 +219,7 @@ void State::run_layers(int64_t S, int64_t P, bool bind) {
       io.BindOutput("hidden_out", view(nxt, {B, S, E}));
       io.BindOutput("present_key", view(static_cast<float*>(kv_.key(l, slot)), {S, B, H, D}));
       io.BindOutput("present_value", view(static_cast<float*>(kv_.value(l, slot)), {S, B, H, D}));
-      model_->layer(l).run(run_opts_, io);
+      model_->layer_graph(l).run(run_opts_, io);
       std::swap(cur, nxt);
       check(cur, l);
     }

@@ -136,7 +136,7 @@ def _manifest(tiny_export):
     (lambda m: m["config"].update(num_heads=0), "config.num_heads"),
     (lambda m: m["config"].update(num_layers="2"), "config.num_layers"),
     (lambda m: m["config"].update(hidden_size=63), "config.hidden_size"),
-    (lambda m: m["graphs"]["layers"].pop(), "graphs.layers lists 1 layers"),
+    (lambda m: m["graphs"]["layers"].pop(), "graphs.layers lists 1 graphs, but config.num_layers 2 at 1 layers per graph makes 2"),
     (lambda m: m["graphs"]["layers"].append(m["graphs"]["layers"][0]), "graphs.layers lists 3"),
     (lambda m: m["graphs"]["layers"].__setitem__(1, dict(m["graphs"]["layers"][0])), "also the file of layer_00"),
     (lambda m: m["graphs"]["embed"].update(file="/etc/passwd"), "plain file name"),

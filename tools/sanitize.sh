@@ -21,6 +21,7 @@ import sys
 from chattts_ort.export.exporter import export_model
 for form in ("fused", "portable"):
     export_model("random-tiny", f"{sys.argv[1]}/{form}", progress=False, layer_form=form)
+export_model("random-tiny", f"{sys.argv[1]}/fused-2-per-graph", progress=False, layers_per_graph=2)
 PYEOF
 built=$(date +%s)
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \

@@ -165,6 +165,7 @@ def run(folder: Path) -> int:
     spec.sample = str(folder / m["graphs"]["sample"]["file"])
     spec.hidden, spec.heads, spec.head_dim = 64, 4, 16
     spec.layer_form, spec.max_context = m["layer_form"], 64
+    spec.num_layers, spec.layers_per_graph = m["config"]["num_layers"], m.get("layers_per_graph", 1)
     model = c.Model(spec)
     for rows in (2**60, 2**40):
         try:
@@ -200,10 +201,10 @@ def main() -> int:
     print(f"core under test: {core_module.__file__}", flush=True)
     total = 0
     t0 = time.perf_counter()
-    for form in ("fused", "portable"):
+    for form in ("fused", "portable", "fused-2-per-graph"):
         total += run(root / form)
-    print(f"sanitize workload: {total} decode steps over both layer forms in {time.perf_counter() - t0:.1f} s, "
-          "no report", flush=True)
+    print(f"sanitize workload: {total} decode steps over both layer forms and a 2-layers-per-graph export in "
+          f"{time.perf_counter() - t0:.1f} s, no report", flush=True)
     return 0
 
 

@@ -22,7 +22,7 @@ def _cmd_export(args) -> int:
     from .export.exporter import export_model
 
     rep = export_model(args.src, args.out, force=args.force, progress=not args.quiet, layer_form=args.layer_form,
-                       kv_dtype=args.kv_dtype)
+                       kv_dtype=args.kv_dtype, layers_per_graph=args.layers_per_graph)
     print(f"exported {args.src} -> {rep.out_dir} in {rep.seconds:.1f} s; graphs {rep.total_bytes / 1e6:.1f} MB "
           f"(weights {rep.weight_bytes / 1e6:.1f} MB); peak RSS {rep.peak_rss_mb:.0f} MB")
     if args.verify:
@@ -55,9 +55,29 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-def _cmd_memory(args) -> int:
-    from .memory import load_rss
+def _cmd_share_weights(args) -> int:
+    from .export.quantize import share_weights_export
 
+    out = share_weights_export(args.inp, args.out, force=args.force, progress=True)
+    print(f"wrote {out}: weights in one .data file per block, pre-packed for this machine (check with "
+          f"chattts-ort memory {out} --processes 4)")
+    return 0
+
+
+def _cmd_memory(args) -> int:
+    from .memory import load_rss, shared_memory
+
+    if args.processes:
+        mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
+        base = shared_memory(None, processes=1)
+        print(f"baseline (python, numpy, onnxruntime; no model): PSS {mb(base.pss_total)}")
+        for folder in args.folders:
+            one = shared_memory(folder, processes=1)
+            many = shared_memory(folder, processes=args.processes)
+            print(f"{folder}: 1 process PSS {mb(one.pss_total)}; {args.processes} processes at once PSS "
+                  f"{mb(many.pss_total)} in all ({many.pss_total / one.pss_total:.2f}x one; each: RSS "
+                  f"{mb(many.each[0]['rss'])}, private {mb(many.each[0]['private'])})")
+        return 0
     for folder in args.folders:
         rep = load_rss(folder, via=args.via, disable_prepacking=args.no_prepacking)
         print(rep.summary())
@@ -296,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="output folder (must not exist unless --force)")
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.add_argument("--verify", action="store_true", help="verify every block and the chain right after export")
+    s.add_argument("--layers-per-graph", type=_positive_int, default=1, metavar="N",
+                   help="decoder layers in each layer graph (1: one graph per layer; 20: one graph for all); "
+                        "fused form only")
     s.add_argument("--layer-form", default="fused", choices=["fused", "portable"],
                    help="fused: GroupQueryAttention, KV written in place (default); portable: standard ONNX ops")
     s.add_argument("--kv-dtype", default="fp32", choices=["fp32", "fp16"],
@@ -326,7 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime: the C++ core (default); ort: one onnxruntime Python session per block")
     s.add_argument("--no-prepacking", action="store_true",
                    help="turn off ONNX Runtime's weight prepacking (less memory, much slower MatMuls)")
+    s.add_argument("--processes", type=_positive_int, default=None, metavar="N",
+                   help="load each folder in 1 and then N processes at once and report their summed PSS "
+                        "(what N processes serving one export cost; see share-weights)")
     s.set_defaults(fn=_cmd_memory)
+
+    s = sub.add_parser("share-weights", help="a copy of an export whose weights processes share (mapped, "
+                                             "pre-packed for this machine)")
+    s.add_argument("inp", metavar="IN")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--force", action="store_true", help="replace OUT if it is an export")
+    s.set_defaults(fn=_cmd_share_weights)
 
     s = sub.add_parser("say", help="speak a sentence into a WAV file, streamed; prints first-audio latency and RTF")
     s.add_argument("text", nargs="?", default="chattts-ort speaks from a native core, as the words are sampled.")

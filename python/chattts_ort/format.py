@@ -32,7 +32,26 @@ BLOCK_METADATA_KEY = "chattts_ort.block"
 
 
 def layer_name(i: int) -> str:
+    """The block name of the i-th layer graph (with layers_per_graph N > 1, graph i holds layers N*i ..)."""
     return f"layer_{i:02d}"
+
+
+def layer_groups(num_layers: int, per_graph: int = 1) -> list:
+    """The decoder layers each layer graph holds, in chain order: [range(0, N), range(N, 2N), ...] (the last
+    graph takes what is left)."""
+    return [range(s, min(num_layers, s + per_graph)) for s in range(0, num_layers, per_graph)]
+
+
+def manifest_layer_groups(manifest: dict) -> list:
+    return layer_groups(manifest["config"]["num_layers"], manifest.get("layers_per_graph", 1))
+
+
+def fused_kv_names(j: int, layers_per_graph: int) -> tuple:
+    """(past_key, past_value, present_key, present_value) of the j-th layer of a fused layer graph: the plain
+    names in an export of one layer per graph (every export before layers_per_graph), suffixed _j otherwise
+    (also in a last graph that holds fewer layers)."""
+    sfx = "" if layers_per_graph == 1 else f"_{j}"
+    return (f"past_key{sfx}", f"past_value{sfx}", f"present_key{sfx}", f"present_value{sfx}")
 
 
 # Graph IO names, per block (and per layer form). The C++ core binds exactly these names; Runtime.load
@@ -197,9 +216,15 @@ def check_manifest(m, where: str) -> dict:
             raise ExportError(f"{where}: graphs.{k} is missing")
     if not isinstance(g["layers"], list):
         raise ExportError(f"{where}: graphs.layers must be a list")
-    if len(g["layers"]) != m["config"]["num_layers"]:
-        raise ExportError(f"{where}: graphs.layers lists {len(g['layers'])} layers, config.num_layers is "
-                          f"{m['config']['num_layers']}")
+    n = m.get("layers_per_graph", 1)
+    if not _is_int(n) or not 1 <= n <= m["config"]["num_layers"]:
+        raise ExportError(f"{where}: layers_per_graph must be an integer in [1, config.num_layers], got {n!r}")
+    if n > 1 and form != "fused":
+        raise ExportError(f"{where}: layers_per_graph > 1 needs the fused layer form")
+    if len(g["layers"]) != len(layer_groups(m["config"]["num_layers"], n)):
+        raise ExportError(f"{where}: graphs.layers lists {len(g['layers'])} graphs, but config.num_layers "
+                          f"{m['config']['num_layers']} at {n} layers per graph makes "
+                          f"{len(layer_groups(m['config']['num_layers'], n))}")
     a = m.get("audio")
     if a is not None:
         if not isinstance(a, dict) or not isinstance(a.get("graphs"), dict) or not isinstance(a.get("config"), dict):
@@ -227,6 +252,15 @@ def check_manifest(m, where: str) -> dict:
         if e["file"] in files:
             raise ExportError(f"{where}: {field}.file {e['file']!r} is also the file of {files[e['file']]}")
         files[e["file"]] = name
+        if "data" in e:  # the graph's weights in an external data file (shared-weights exports)
+            d = e["data"]
+            if not isinstance(d, dict) or not isinstance(d.get("file"), str) or not isinstance(d.get("sha256"), str) \
+                    or not _is_int(d.get("bytes")):
+                raise ExportError(f"{where}: {field}.data must be an object with 'file', 'sha256' and 'bytes'")
+            _check_file_name(d["file"], f"{where}: {field}.data.file")
+            if d["file"] in files:
+                raise ExportError(f"{where}: {field}.data.file {d['file']!r} is also the file of {files[d['file']]}")
+            files[d["file"]] = name
         for side in ("inputs", "outputs"):
             for j, io in enumerate(e[side]):
                 if not isinstance(io, dict) or not isinstance(io.get("name"), str) or not isinstance(io.get("shape", []), list):
@@ -274,14 +308,16 @@ def check_files(folder, manifest: dict, hashes: bool = True) -> None:
     """Every graph named by the manifest exists in the folder with the recorded size (and sha256)."""
     folder = Path(folder)
     for name, e in iter_all_graphs(manifest):
-        p = graph_path(folder, e)
-        if not p.is_file():
-            raise ExportError(f"{p}: graph '{name}' named in the manifest is missing")
-        if p.stat().st_size != e["bytes"]:
-            raise ExportError(f"{p}: size {p.stat().st_size} does not match the manifest ({e['bytes']}); "
-                              "the file is corrupt or from another export")
-        if hashes and sha256_file(p) != e["sha256"]:
-            raise ExportError(f"{p}: sha256 does not match the manifest; the file is corrupt or from another export")
+        for what, f in [("graph", e)] + ([("weight data", e["data"])] if "data" in e else []):
+            p = graph_path(folder, f)
+            if not p.is_file():
+                raise ExportError(f"{p}: {what} of '{name}' named in the manifest is missing")
+            if p.stat().st_size != f["bytes"]:
+                raise ExportError(f"{p}: size {p.stat().st_size} does not match the manifest ({f['bytes']}); "
+                                  "the file is corrupt or from another export")
+            if hashes and sha256_file(p) != f["sha256"]:
+                raise ExportError(f"{p}: sha256 does not match the manifest; the file is corrupt or from another "
+                                  "export")
     tok = folder / manifest.get("tokenizer", "tokenizer.json")
     if not tok.is_file():
         raise ExportError(f"{tok}: tokenizer named in the manifest is missing")
@@ -316,11 +352,31 @@ def graph_io(path: os.PathLike) -> dict:
     return {"inputs": [one(v) for v in m.graph.input if v.name not in init], "outputs": [one(v) for v in m.graph.output]}
 
 
+def external_data_files(path: os.PathLike) -> list:
+    """The external data files a graph's initializers name (none for a self-contained graph)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(kv.value for kv in t.external_data if kv.key == "location")
+    return sorted(files)
+
+
 def graph_entry(folder: Path, file: str, precision: str = "fp32") -> dict:
-    """The manifest entry of a graph file: its sha256, size, precision and IO (read from the file)."""
+    """The manifest entry of a graph file: its sha256, size, precision and IO (read from the file), and its
+    external data file (`data`: file, sha256, bytes) when its weights live beside it."""
     p = folder / file
     entry = {"file": file, "sha256": sha256_file(p), "bytes": p.stat().st_size, "precision": precision}
     entry.update(graph_io(p))
+    data = external_data_files(p)
+    if len(data) > 1:
+        raise ExportError(f"{p}: weights spread over {len(data)} external files; chattts-ort exports keep one")
+    if data:
+        _check_file_name(data[0], f"{p}: external data")
+        d = folder / data[0]
+        entry["data"] = {"file": data[0], "sha256": sha256_file(d), "bytes": d.stat().st_size}
     return entry
 
 
@@ -482,3 +538,11 @@ def tag_graph_file(path: Path, block: str) -> None:
 
     model = onnx.load(str(path))
     onnx.save(tag_graph(model, block), str(path))
+
+
+def block_tag(path: Path) -> Optional[str]:
+    """The block tag of a graph file (read without its weights), or None."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((p.value for p in model.metadata_props if p.key == BLOCK_METADATA_KEY), None)

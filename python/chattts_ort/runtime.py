@@ -236,6 +236,8 @@ class Runtime:
         spec = c.ModelSpec()
         spec.embed = str(graph_path(folder, g["embed"]))
         spec.layers = [str(graph_path(folder, e)) for e in g["layers"]]
+        spec.num_layers = cfg["num_layers"]
+        spec.layers_per_graph = manifest.get("layers_per_graph", 1)
         spec.head_code = str(graph_path(folder, g["head_code"]))
         spec.head_text = str(graph_path(folder, g["head_text"]))
         spec.sample = str(graph_path(folder, g["sample"]))

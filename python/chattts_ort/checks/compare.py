@@ -63,9 +63,12 @@ def _block_feeds(manifest: dict, cfg, name: str, seed: int):
     from ..export.blocks import example_inputs
 
     if name.startswith("layer_") and manifest.get("layer_form") == "fused":
-        from ..export.fused import run_fused_reference_inputs
+        from ..export.fused import run_fused_group_reference_inputs
+        from ..format import manifest_layer_groups
 
-        feed, _ = run_fused_reference_inputs(cfg, B=1, S=1, P=8, M=16, seed=seed)
+        n = len(manifest_layer_groups(manifest)[int(name[6:])])
+        feed, _ = run_fused_group_reference_inputs(cfg, n, manifest.get("layers_per_graph", 1), B=1, S=1, P=8, M=16,
+                                                   seed=seed)
         return feed
     block = "layer" if name.startswith("layer_") else name
     args = example_inputs(cfg, block, seed=seed)
@@ -102,8 +105,10 @@ def compare_exports(folder, against, steps: int = 200, progress: bool = False, s
     t0 = time.perf_counter()
     folder, against = Path(folder), Path(against)
     mq, mf = open_export(folder), open_export(against)  # verify refuses what Runtime.load refuses
-    if mq["config"] != mf["config"] or mq.get("layer_form") != mf.get("layer_form"):
-        raise QuantizeError(f"{folder} and {against} are not exports of the same model and layer form")
+    if (mq["config"] != mf["config"] or mq.get("layer_form") != mf.get("layer_form")
+            or mq.get("layers_per_graph", 1) != mf.get("layers_per_graph", 1)):
+        raise QuantizeError(f"{folder} and {against} are not exports of the same model, layer form and layers per "
+                            "graph")
     cfg = GPTConfig.from_dict(mq["config"])
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..batching import left_pad, prefill_positions
-from ..format import read_manifest
+from ..format import fused_kv_names, manifest_layer_groups, read_manifest
 
 
 @dataclass
@@ -52,6 +52,9 @@ class OrtLoop:
         self.D = self.E // self.H
         self.num_vq, self.V_code, self.V_text = c["num_vq"], c["num_audio_tokens"], c["num_text_tokens"]
         self.fused = self.manifest.get("layer_form", "portable") == "fused"
+        self.groups = manifest_layer_groups(self.manifest)  # the decoder layers of each layer graph
+        self.per_graph = self.manifest.get("layers_per_graph", 1)
+        self.num_layers = c["num_layers"]
         self.rope_theta = c.get("rope_theta", 10000.0)
         self.kv_np = np.float16 if self.manifest.get("kv_dtype", "fp32") == "fp16" else np.float32
         # Sample heads exported before per-row sampling take one value for all rows ([] instead of [N]).
@@ -87,7 +90,8 @@ class OrtLoop:
             M = T + max_new_token + 1
             cos_cache, sin_cache = (a.astype(self.kv_np) for a in rope_cache(M, self.D, self.rope_theta))
             kv = [(ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), self.kv_np)),
-                   ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), self.kv_np))) for _ in self.layers]
+                   ort.OrtValue.ortvalue_from_numpy(np.zeros((B, self.H, M, self.D), self.kv_np)))
+                  for _ in range(self.num_layers)]
             key_mask, pos = np.ones((B, T), np.int64), np.tile(np.arange(T, dtype=np.int64), (B, 1))
         else:
             past_k = [np.zeros((0, B, self.H, self.D), np.float32) for _ in self.layers]
@@ -103,18 +107,20 @@ class OrtLoop:
             if self.fused:
                 total = lens if step == 0 else lens + 1
                 seqlens = (total - 1).astype(np.int32)
-                for i, layer in enumerate(self.layers):
+                for layer, group in zip(self.layers, self.groups):
                     io = layer.io_binding()
                     io.bind_cpu_input("hidden", np.ascontiguousarray(h))
                     io.bind_cpu_input("seqlens_k", seqlens)
                     io.bind_cpu_input("total_sequence_length", np.array(T if step == 0 else total.max(), np.int32))
                     io.bind_cpu_input("cos_cache", cos_cache)
                     io.bind_cpu_input("sin_cache", sin_cache)
-                    io.bind_ortvalue_input("past_key", kv[i][0])
-                    io.bind_ortvalue_input("past_value", kv[i][1])
-                    io.bind_output("hidden_out")
-                    io.bind_ortvalue_output("present_key", kv[i][0])
-                    io.bind_ortvalue_output("present_value", kv[i][1])
+                    io.bind_output("hidden_out")  # first: copy_outputs_to_cpu()[0] below
+                    for j, i in enumerate(group):
+                        pk, pv, ok, ov = fused_kv_names(j, self.per_graph)
+                        io.bind_ortvalue_input(pk, kv[i][0])
+                        io.bind_ortvalue_input(pv, kv[i][1])
+                        io.bind_ortvalue_output(ok, kv[i][0])
+                        io.bind_ortvalue_output(ov, kv[i][1])
                     layer.run_with_iobinding(io)
                     h = io.copy_outputs_to_cpu()[0]
                 if step == 0:

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from ..export.blocks import example_inputs
-from ..format import iter_graphs, open_export, read_manifest
+from ..format import iter_graphs, manifest_layer_groups, open_export, read_manifest
 from .report import Report
 
 # fp32 tolerance on the max abs error, scaled by the output's magnitude: |err| <= ATOL + RTOL * max|want|.
@@ -116,8 +116,9 @@ def verify_blocks(folder, manifest, gpt, cfg, progress=False) -> list:
         if name == "embed":
             mod, args = EmbedBlock(gpt, cfg), example_inputs(cfg, "embed", seed=11)
         elif name.startswith("layer_") and manifest.get("layer_form") == "fused":
-            results += _verify_fused_layer(Path(folder) / entry["file"], name, gpt.layers[int(name[6:])], cfg,
-                                           manifest.get("kv_dtype", "fp32"))
+            group = manifest_layer_groups(manifest)[int(name[6:])]
+            results += _verify_fused_layer(Path(folder) / entry["file"], name, [gpt.layers[i] for i in group], cfg,
+                                           manifest.get("kv_dtype", "fp32"), manifest.get("layers_per_graph", 1))
             if bar is not None:
                 bar.update(1)
             continue
@@ -231,29 +232,40 @@ def verify_audio(folder, manifest, seed: int = 21) -> list:
 KV16_RTOL = 4e-3
 
 
-def _verify_fused_layer(path: Path, name: str, layer, cfg, kv_dtype: str = "fp32") -> list:
-    """A fused layer against the PyTorch layer: a batch-2 prefill and a batch-2 decode step over a cache."""
+def _verify_fused_layer(path: Path, name: str, layers, cfg, kv_dtype: str = "fp32", per_graph: int = 1) -> list:
+    """A fused layer graph (one layer, or several consecutive ones) against the PyTorch layers run one after the
+    other: a batch-2 prefill and a batch-2 decode step over a cache. Each layer's K/V is checked (named _j in a
+    graph of several layers)."""
     import torch
 
-    from ..export.fused import run_fused_reference_inputs
+    from ..export.fused import run_fused_group_reference_inputs
+    from ..format import fused_kv_names
 
     sess = _ort_session(path)
-    worst = {"hidden_out": [0.0, 0.0, 0.0], "present_key": [0.0, 0.0, 0.0], "present_value": [0.0, 0.0, 0.0]}
+    outs = [o.name for o in sess.get_outputs()]
+    worst = {n: [0.0, 0.0, 0.0] for n in outs}
     for B, S, P in ((2, 3, 0), (2, 1, 5)):
-        feed, args = run_fused_reference_inputs(cfg, B=B, S=S, P=P, M=16, seed=12 + P, kv_dtype=kv_dtype)
-        h, k, v = sess.run(None, feed)
+        feed, args = run_fused_group_reference_inputs(cfg, len(layers), per_graph, B=B, S=S, P=P, M=16,
+                                                      seed=12 + P, kv_dtype=kv_dtype)
+        got = dict(zip(outs, sess.run(None, feed)))
+        pairs, h = {}, None
         with torch.no_grad():
-            wh, wk, wv = (t.numpy() for t in layer(*args))
-        pairs = {"hidden_out": (h, wh), "present_key": (k[:, :, P:P + S].astype(np.float32), wk.transpose(1, 2, 0, 3)),
-                 "present_value": (v[:, :, P:P + S].astype(np.float32), wv.transpose(1, 2, 0, 3))}
+            for j, (layer, a) in enumerate(zip(layers, args)):
+                wh, wk, wv = (t.numpy() for t in layer(*((a[0] if h is None else h),) + tuple(a[1:])))
+                h = torch.from_numpy(wh)
+                pk, pv, ok, ov = fused_kv_names(j, per_graph)
+                k, v = got[ok], got[ov]
+                pairs[ok] = (k[:, :, P:P + S].astype(np.float32), wk.transpose(1, 2, 0, 3))
+                pairs[ov] = (v[:, :, P:P + S].astype(np.float32), wv.transpose(1, 2, 0, 3))
+                # The cached positions before P must be untouched (past and present share the buffer).
+                if P and not (np.array_equal(k[:, :, :P], feed[pk][:, :, :P])
+                              and np.array_equal(v[:, :, :P], feed[pv][:, :, :P])):
+                    worst[ok][0] = float("inf")
+        pairs["hidden_out"] = (got["hidden_out"], h.numpy())
         for out, (g, w) in pairs.items():
             a, r = _errors(g, w)
             wm = worst[out]
             wm[0], wm[1], wm[2] = max(wm[0], a), max(wm[1], r), max(wm[2], float(np.abs(w).max()))
-        # The cached positions before P must be untouched (past and present share the buffer).
-        if P and not (np.array_equal(k[:, :, :P], feed["past_key"][:, :, :P])
-                      and np.array_equal(v[:, :, :P], feed["past_value"][:, :, :P])):
-            worst["present_key"][0] = float("inf")
     rtol = KV16_RTOL if kv_dtype == "fp16" else RTOL
     return [BlockResult(name, out, a, r, a <= ATOL + rtol * scale) for out, (a, r, scale) in worst.items()]
 

@@ -18,7 +18,7 @@ from ..config import SPECIAL_TOKENS
 from ..errors import ExportError
 from ..defaults import default_export_dir
 from ..format import (AUDIO_BLOCKS, AUDIO_IO, FORMAT, LAYER_FORMS, MANIFEST, OPSET, atomic_folder,
-                      check_output_folder, graph_entry, layer_name, tag_graph, write_manifest)
+                      check_output_folder, graph_entry, layer_groups, layer_name, tag_graph, write_manifest)
 from ..version import __version__
 from .blocks import EMBED_IO, HEAD_IO, LAYER_IO, SAMPLE_IO, _wrappers, example_inputs
 
@@ -58,18 +58,24 @@ def _peak_rss_mb() -> float:
 
 
 def export_model(src, out, *, force: bool = False, progress: bool = True, layer_form: str = "fused",
-                 kv_dtype: str = "fp32") -> ExportReport:
+                 kv_dtype: str = "fp32", layers_per_graph: int = 1) -> ExportReport:
     """Export SRC (a ChatTTS asset folder, or "random"/"random-tiny" for the seeded default) to OUT.
 
     layer_form: "fused" (GroupQueryAttention over an in-place [B, H, M, D] KV buffer; the default) or
     "portable" (standard ONNX ops only, KV [P, B, H, D] views). OUT must not exist unless force=True, and
     force replaces only an earlier export (or an empty folder). The folder appears only when complete
     (format.atomic_folder). Verification is a separate step (checks.verify; the CLI runs it with --verify).
+    layers_per_graph: decoder layers in each layer graph (1: one graph per layer; num_layers: one graph for
+    all), fused form only; fewer graphs mean fewer ONNX Runtime Runs per step (docs/FORMAT.md).
     """
     if layer_form not in LAYER_FORMS:
         raise ExportError(f"unknown layer_form {layer_form!r} (choose from {', '.join(LAYER_FORMS)})")
     if kv_dtype not in ("fp32", "fp16") or (kv_dtype == "fp16" and layer_form != "fused"):
         raise ExportError(f"kv_dtype {kv_dtype!r}: fp32, or fp16 with the fused layer form")
+    if isinstance(layers_per_graph, bool) or not isinstance(layers_per_graph, int) or layers_per_graph < 1:
+        raise ExportError(f"layers_per_graph must be a positive integer, got {layers_per_graph!r}")
+    if layers_per_graph > 1 and layer_form != "fused":
+        raise ExportError("layers_per_graph > 1 needs the fused layer form")
     check_output_folder(out, force)  # fail before the (slow) model load
     import torch
 
@@ -79,15 +85,19 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
     t0 = time.perf_counter()
     gpt, cfg, tokenizer_json = resolve_source(src)
     gpt.eval()
+    if layers_per_graph > cfg.num_layers:
+        raise ExportError(f"layers_per_graph {layers_per_graph} is more than the model's {cfg.num_layers} layers")
+    groups = layer_groups(cfg.num_layers, layers_per_graph)
     audio_src, audio_note = _audio_source(source_folder(src), cfg.hidden_size)
     EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, SampleHead = _wrappers()
 
     with atomic_folder(out, force) as tmp:
         jobs = [("embed", lambda: (EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO))]
-        for i, layer in enumerate(gpt.layers):
-            if layer_form == "fused":
-                jobs.append((layer_name(i), lambda layer=layer: (layer, None, None)))
-            else:
+        if layer_form == "fused":  # graph i holds the layers of groups[i]
+            for i, group in enumerate(groups):
+                jobs.append((layer_name(i), lambda group=group: ([gpt.layers[j] for j in group], None, None)))
+        else:
+            for i, layer in enumerate(gpt.layers):
                 jobs.append((layer_name(i),
                              lambda layer=layer: (LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO)))
         jobs.append(("head_code", lambda: (HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
@@ -103,10 +113,11 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
                     bar.set_postfix_str(block)
                 module, args, io = make()
                 path = tmp / f"{block}.onnx"
-                if io is None:  # a fused layer: written directly from the weights
-                    from .fused import build_fused_layer
+                if io is None:  # fused layers: written directly from the weights
+                    from .fused import build_fused_layers
 
-                    model = build_fused_layer(module, cfg, name=block, kv_dtype=kv_dtype)
+                    model = build_fused_layers(module, cfg, name=block, kv_dtype=kv_dtype,
+                                               layers_per_graph=layers_per_graph)
                 else:
                     model = _export_graph(module, args, path, io)
                 tag_graph(model, block)
@@ -127,11 +138,12 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
             "special_tokens": dict(SPECIAL_TOKENS),
             "kv_layout": "batch_head_seq_dim" if layer_form == "fused" else "seq_batch_head_dim",
             "layer_form": layer_form,
+            "layers_per_graph": layers_per_graph,
             "kv_dtype": kv_dtype,
             "tokenizer": "tokenizer.json",
             "graphs": {
                 "embed": graph_entry(tmp, "embed.onnx"),
-                "layers": [graph_entry(tmp, f"{layer_name(i)}.onnx") for i in range(cfg.num_layers)],
+                "layers": [graph_entry(tmp, f"{layer_name(i)}.onnx") for i in range(len(groups))],
                 "head_code": graph_entry(tmp, "head_code.onnx"),
                 "head_text": graph_entry(tmp, "head_text.onnx"),
                 "sample": graph_entry(tmp, "sample.onnx"),

@@ -40,71 +40,99 @@ def build_fused_layer(layer, cfg, name: str = "layer", kv_dtype: str = "fp32") -
     kv_dtype "fp16": the KV buffers (and the rotary caches) are fp16 and attention runs in fp16 inside
     GroupQueryAttention; q/k/v are cast to fp16 before it and its output back to fp32. Halves the cache's memory
     traffic, which dominates long contexts; not bit-faithful to fp32 (see the README)."""
+    return build_fused_layers([layer], cfg, name, kv_dtype)
+
+
+def build_fused_layers(layers, cfg, name: str = "layers", kv_dtype: str = "fp32",
+                       layers_per_graph: int = None) -> onnx.ModelProto:
+    """One fused-form graph of consecutive decoder layers (export --layers-per-graph): hidden flows through
+    them inside the graph, and layer j of the group has its own KV pair, past_key_j / past_value_j ->
+    present_key_j / present_value_j (format.fused_kv_names; in an export of one layer per graph the plain names,
+    so such a graph is exactly the one-layer graph). seqlens_k, total_sequence_length and the rotary caches are
+    shared. layers_per_graph: the export's (default len(layers))."""
     if kv_dtype not in ("fp32", "fp16"):
         raise ValueError(f"kv_dtype must be fp32 or fp16, got {kv_dtype!r}")
+    from ..format import fused_kv_names
+
     half = kv_dtype == "fp16"
-    E, H, D, F = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
-    sd = {k: v.detach().cpu().float().numpy() for k, v in layer.state_dict().items()}
+    E, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    n = len(layers)
+    per_graph = n if layers_per_graph is None else layers_per_graph
     nodes, inits = [], []
-
-    def weight(n, arr):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), n))
-        return n
-
-    eps = float(cfg.rms_norm_eps)
-    # RMSNorm as ONNX Runtime's own kernels (one op each instead of seven elementwise ones): the input norm,
-    # then the residual add fused with the post-attention norm (its 4th output is the sum, h1).
-    nodes.append(helper.make_node("SimplifiedLayerNormalization",
-                                  ["hidden", weight("input_layernorm.weight", sd["input_layernorm.weight"])],
-                                  ["attn_in"], axis=-1, epsilon=eps, stash_type=1))
-    w_qkv = np.concatenate([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]], 0).T  # [E, 3E]
-    nodes.append(helper.make_node("MatMul", ["attn_in", weight("qkv_proj.weight", w_qkv)], ["qkv"]))
-    if half:
-        nodes.append(helper.make_node("Cast", ["qkv"], ["qkv16"], to=TensorProto.FLOAT16))
-    nodes.append(helper.make_node(
-        "GroupQueryAttention",
-        ["qkv16" if half else "qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-         "cos_cache", "sin_cache"],
-        ["attn16" if half else "attn", "present_key", "present_value"], domain="com.microsoft",
-        num_heads=H, kv_num_heads=H, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(D))))
-    if half:
-        nodes.append(helper.make_node("Cast", ["attn16"], ["attn"], to=TensorProto.FLOAT))
-    nodes.append(helper.make_node("MatMul", ["attn", weight("o_proj.weight", sd["o_proj.weight"].T)], ["attn_out"]))
-    nodes.append(helper.make_node(
-        "SkipSimplifiedLayerNormalization",
-        ["attn_out", "hidden", weight("post_attention_layernorm.weight", sd["post_attention_layernorm.weight"])],
-        ["mlp_in", "", "", "h1"], domain="com.microsoft", epsilon=eps))
-    w_gu = np.concatenate([sd["gate_proj.weight"], sd["up_proj.weight"]], 0).T  # [E, 2F]
-    nodes.append(helper.make_node("MatMul", ["mlp_in", weight("gate_up_proj.weight", w_gu)], ["gate_up"]))
-    inits.append(numpy_helper.from_array(np.array([F, F], np.int64), "split_sizes"))
-    nodes.append(helper.make_node("Split", ["gate_up", "split_sizes"], ["gate", "up"], axis=-1))
-    nodes.append(helper.make_node("Sigmoid", ["gate"], ["gate_sig"]))
-    nodes.append(helper.make_node("Mul", ["gate", "gate_sig"], ["gate_act"]))
-    nodes.append(helper.make_node("Mul", ["gate_act", "up"], ["mlp_act"]))
-    nodes.append(helper.make_node("MatMul", ["mlp_act", weight("down_proj.weight", sd["down_proj.weight"].T)], ["mlp_out"]))
-    nodes.append(helper.make_node("Add", ["h1", "mlp_out"], ["hidden_out"]))
-
     f = TensorProto.FLOAT
     kv = TensorProto.FLOAT16 if half else f
-    inputs = [
-        helper.make_tensor_value_info("hidden", f, ["B", "S", E]),
-        helper.make_tensor_value_info("past_key", kv, ["B", H, "M", D]),
-        helper.make_tensor_value_info("past_value", kv, ["B", H, "M", D]),
+    inputs = [helper.make_tensor_value_info("hidden", f, ["B", "S", E])]
+    outputs = [helper.make_tensor_value_info("hidden_out", f, ["B", "S", E])]
+    for j, layer in enumerate(layers):
+        pk, pv, ok, ov = fused_kv_names(j, per_graph)
+        pre = "" if per_graph == 1 else f"l{j}_"
+        h_in = "hidden" if j == 0 else f"l{j - 1}_hidden_out"
+        h_out = "hidden_out" if j == n - 1 else f"{pre}hidden_out"
+        _fused_layer_nodes(layer, cfg, half, pre, h_in, h_out, (pk, pv, ok, ov), nodes, inits)
+        inputs += [helper.make_tensor_value_info(pk, kv, ["B", H, "M", D]),
+                   helper.make_tensor_value_info(pv, kv, ["B", H, "M", D])]
+        outputs += [helper.make_tensor_value_info(ok, kv, ["B", H, "M", D]),
+                    helper.make_tensor_value_info(ov, kv, ["B", H, "M", D])]
+    inputs += [
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("cos_cache", kv, ["M", D // 2]),
         helper.make_tensor_value_info("sin_cache", kv, ["M", D // 2]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("hidden_out", f, ["B", "S", E]),
-        helper.make_tensor_value_info("present_key", kv, ["B", H, "M", D]),
-        helper.make_tensor_value_info("present_value", kv, ["B", H, "M", D]),
     ]
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="chattts-ort")
     model.ir_version = 8
     return model
+
+
+def _fused_layer_nodes(layer, cfg, half: bool, pre: str, h_in: str, h_out: str, kv_names, nodes, inits) -> None:
+    """Append one layer's nodes and weights; every internal name starts with `pre`."""
+    E, H, D, F = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+    pk, pv, ok, ov = kv_names
+    sd = {k: v.detach().cpu().float().numpy() for k, v in layer.state_dict().items()}
+
+    def weight(n, arr):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), pre + n))
+        return pre + n
+
+    def t(n):  # an internal tensor name
+        return pre + n
+
+    eps = float(cfg.rms_norm_eps)
+    # RMSNorm as ONNX Runtime's own kernels (one op each instead of seven elementwise ones): the input norm,
+    # then the residual add fused with the post-attention norm (its 4th output is the sum, h1).
+    nodes.append(helper.make_node("SimplifiedLayerNormalization",
+                                  [h_in, weight("input_layernorm.weight", sd["input_layernorm.weight"])],
+                                  [t("attn_in")], axis=-1, epsilon=eps, stash_type=1))
+    w_qkv = np.concatenate([sd["q_proj.weight"], sd["k_proj.weight"], sd["v_proj.weight"]], 0).T  # [E, 3E]
+    nodes.append(helper.make_node("MatMul", [t("attn_in"), weight("qkv_proj.weight", w_qkv)], [t("qkv")]))
+    if half:
+        nodes.append(helper.make_node("Cast", [t("qkv")], [t("qkv16")], to=TensorProto.FLOAT16))
+    nodes.append(helper.make_node(
+        "GroupQueryAttention",
+        [t("qkv16") if half else t("qkv"), "", "", pk, pv, "seqlens_k", "total_sequence_length",
+         "cos_cache", "sin_cache"],
+        [t("attn16") if half else t("attn"), ok, ov], domain="com.microsoft",
+        num_heads=H, kv_num_heads=H, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(D))))
+    if half:
+        nodes.append(helper.make_node("Cast", [t("attn16")], [t("attn")], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("MatMul", [t("attn"), weight("o_proj.weight", sd["o_proj.weight"].T)],
+                                  [t("attn_out")]))
+    nodes.append(helper.make_node(
+        "SkipSimplifiedLayerNormalization",
+        [t("attn_out"), h_in, weight("post_attention_layernorm.weight", sd["post_attention_layernorm.weight"])],
+        [t("mlp_in"), "", "", t("h1")], domain="com.microsoft", epsilon=eps))
+    w_gu = np.concatenate([sd["gate_proj.weight"], sd["up_proj.weight"]], 0).T  # [E, 2F]
+    nodes.append(helper.make_node("MatMul", [t("mlp_in"), weight("gate_up_proj.weight", w_gu)], [t("gate_up")]))
+    inits.append(numpy_helper.from_array(np.array([F, F], np.int64), t("split_sizes")))
+    nodes.append(helper.make_node("Split", [t("gate_up"), t("split_sizes")], [t("gate"), t("up")], axis=-1))
+    nodes.append(helper.make_node("Sigmoid", [t("gate")], [t("gate_sig")]))
+    nodes.append(helper.make_node("Mul", [t("gate"), t("gate_sig")], [t("gate_act")]))
+    nodes.append(helper.make_node("Mul", [t("gate_act"), t("up")], [t("mlp_act")]))
+    nodes.append(helper.make_node("MatMul", [t("mlp_act"), weight("down_proj.weight", sd["down_proj.weight"].T)],
+                                  [t("mlp_out")]))
+    nodes.append(helper.make_node("Add", [t("h1"), t("mlp_out")], [h_out]))
 
 
 def run_fused_reference_inputs(cfg, B=2, S=3, P=5, M=16, seed=0, kv_dtype="fp32"):
@@ -134,3 +162,22 @@ def run_fused_reference_inputs(cfg, B=2, S=3, P=5, M=16, seed=0, kv_dtype="fp32"
             "seqlens_k": np.full(B, P + S - 1, np.int32), "total_sequence_length": np.array(P + S, np.int32),
             "cos_cache": cc, "sin_cache": sc}
     return feed, (hidden, cos, sin, bias, pk, pv)
+
+
+def run_fused_group_reference_inputs(cfg, n_layers: int, layers_per_graph: int, B=2, S=3, P=5, M=16, seed=0,
+                                     kv_dtype="fp32"):
+    """Inputs for checking a fused graph of n_layers layers (an export of layers_per_graph per graph): every layer
+    has its own P cached positions. Returns (feed dict, [torch args of each layer]); layer j > 0 takes the
+    previous layer's output as its hidden (the caller chains it), the args carry the group's input hidden."""
+    from ..format import fused_kv_names
+
+    feed, args = None, []
+    for j in range(n_layers):
+        f_j, a_j = run_fused_reference_inputs(cfg, B=B, S=S, P=P, M=M, seed=seed + 7919 * j, kv_dtype=kv_dtype)
+        if feed is None:
+            feed = {k: v for k, v in f_j.items() if k not in ("past_key", "past_value")}
+            hidden = a_j[0]
+        pk, pv, _, _ = fused_kv_names(j, layers_per_graph)
+        feed[pk], feed[pv] = f_j["past_key"], f_j["past_value"]
+        args.append((hidden,) + tuple(a_j[1:]))
+    return feed, args

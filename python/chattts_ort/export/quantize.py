@@ -199,6 +199,8 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
     the plan's "optimize" option (default false)."""
     inp = Path(inp)
     manifest = open_export(inp)  # as Runtime.load checks it: a tampered folder is refused, not re-hashed
+    if manifest.get("shared_weights"):
+        raise QuantizeError(f"{inp} has shared weights (pre-packed for one machine); quantize its source instead")
     done = {n: e.get("precision", "fp32") for n, e in iter_all_graphs(manifest)}
     if any(p != "fp32" for p in done.values()) or manifest.get("quantization"):
         raise QuantizeError(f"{inp} is already quantized ({ {n: p for n, p in done.items() if p != 'fp32'} }); "
@@ -275,6 +277,8 @@ def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Pat
     MatMul fusions; layout-independent, so the files stay portable). Graph IO is unchanged."""
     inp = Path(inp)
     manifest = open_export(inp)
+    if manifest.get("shared_weights"):
+        raise QuantizeError(f"{inp} has shared weights, already optimised")
     if manifest.get("optimized"):
         raise QuantizeError(f"{inp} is already optimised ({manifest['optimized']})")
 
@@ -290,3 +294,82 @@ def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Pat
     with atomic_folder(out, force) as tmp:
         job(tmp)
     return Path(out)
+
+
+SHARED_MIN_BYTES = 1024  # initializers below this stay inside the graph file (norm weights, shapes)
+
+
+def _share_file(src: Path, dst: Path) -> None:
+    """Save `src` as dst + dst's .data: the graph at ORT_ENABLE_EXTENDED (portable), every initializer of at least
+    SHARED_MIN_BYTES in the data file, and beside each weight the form ONNX Runtime pre-packs it into at load
+    (MatMul, MatMulNBits). Loading maps that file and hands the kernels the saved packed forms in place, so every
+    process that loads it shares the pages instead of each packing a private copy."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.stem + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                str(SHARED_MIN_BYTES))
+    so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+
+def share_weights_export(inp, out, force: bool = False, progress: bool = True) -> Path:
+    """Write OUT: the export INP with each block's weights in a data file beside its graph, pre-packed for this
+    machine's kernels, so that processes loading OUT share one copy of the weights in the page cache (see
+    `chattts-ort memory --processes N`). The packed forms depend on the CPU and the ONNX Runtime version: the
+    manifest records both, and on another machine ONNX Runtime packs its own private copy again (still correct,
+    no longer shared). Quantize first: a shared-weights export is not quantized or optimised again."""
+    import platform
+
+    import onnxruntime as ort
+
+    from ..format import block_tag
+
+    inp = Path(inp)
+    manifest = open_export(inp)
+    if manifest.get("shared_weights"):
+        raise QuantizeError(f"{inp} already has shared weights")
+    graphs = list(iter_all_graphs(manifest))
+
+    def job(tmp: Path):
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(graphs), desc="share weights", unit="graph", leave=False)
+        try:
+            for name, entry in graphs:
+                _share_file(inp / entry["file"], tmp / entry["file"])
+                if block_tag(tmp / entry["file"]) != name:  # ONNX Runtime keeps the model's metadata; check it
+                    raise QuantizeError(f"{tmp / entry['file']}: the saved graph lost its block tag")
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        shutil.copyfile(inp / manifest.get("tokenizer", "tokenizer.json"), tmp / "tokenizer.json")
+        m = rewrite_graph_entries(manifest, tmp, lambda _name, e: e.get("precision", "fp32"))
+        m.setdefault("optimized", OPTIMIZED)
+        m["shared_weights"] = {"onnxruntime": ort.__version__, "machine": platform.machine(),
+                               "cpu": _cpu_name(), "source": str(inp.resolve()),
+                               "source_manifest_sha256": sha256_file(inp / MANIFEST)}
+        write_manifest(tmp, m)
+
+    with atomic_folder(out, force) as tmp:
+        job(tmp)
+    return Path(out)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
