@@ -12,34 +12,14 @@ bench/results/DATE-granularity-MODEL.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-_PROBE = r"""
-import json, sys
-import numpy as np
-from chattts_ort import InferCodeParams, Runtime
-a = json.loads(sys.argv[1])
-rt = Runtime.load(a["export"], threads=2, max_context=512, audio=False)
-list(rt.stream("warm up", params=InferCodeParams(max_new_token=10, min_new_token=10)))
-import time
-gaps, last = [], None
-for f in rt.stream("hello world, this is a test", params=InferCodeParams(max_new_token=a["steps"], min_new_token=a["steps"], manual_seed=0)):
-    now = time.perf_counter()
-    if last is not None:
-        gaps.append(now - last)
-    last = now
-g = np.array(gaps[5:]) * 1000
-print(json.dumps({"median": float(np.median(g)), "p99": float(np.percentile(g, 99))}))
-"""
-
+from decode_probe import decode_ms, write_results  # noqa: E402
 
 def export_for(model: str, n: int, precision: str) -> str:
     from chattts_ort.defaults import cache_dir
@@ -62,6 +42,8 @@ def export_for(model: str, n: int, precision: str) -> str:
 def main(argv=None) -> int:
     from streams import cpu_name
 
+    from chattts_ort.format import read_manifest
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="full", choices=["full", "tiny"])
     ap.add_argument("--layers-per-graph", nargs="+", type=int, default=[1, 2, 5, 20])
@@ -77,14 +59,11 @@ def main(argv=None) -> int:
         runs = {n: [] for n in exports}
         for _ in range(args.reps):
             for n, folder in exports.items():
-                r = subprocess.run([sys.executable, "-c", _PROBE, json.dumps({"export": folder, "steps": args.steps})],
-                                   capture_output=True, text=True, timeout=900)
-                if r.returncode != 0:
-                    raise RuntimeError(r.stderr[-2000:])
-                runs[n].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                runs[n].append(decode_ms({"export": folder, "steps": args.steps, "threads": 2, "audio": False}))
         base = statistics.median(x["median"] for x in runs[min(runs)])
         for n, xs in runs.items():
-            row = {"precision": prec, "layers_per_graph": n, "graphs": -(-20 // n) if args.model == "full" else None,
+            row = {"precision": prec, "layers_per_graph": n,
+                   "graphs": len(read_manifest(exports[n])["graphs"]["layers"]),
                    "ms_median": statistics.median(x["median"] for x in xs),
                    "ms_p99": statistics.median(x["p99"] for x in xs), "runs": xs}
             row["vs_n1"] = row["ms_median"] / base
@@ -99,12 +78,7 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['precision']} | {r['layers_per_graph']} | {r['graphs']} | {r['ms_median']:.2f} | "
                      f"{r['ms_p99']:.2f} | {r['vs_n1']:.3f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{stamp:%Y-%m-%d}-granularity-{args.model}"
-    Path(f"{stem}.json").write_text(json.dumps(res, indent=2))
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out) / f"{stamp:%Y-%m-%d}-granularity-{args.model}", res, lines)
     return 0
 
 

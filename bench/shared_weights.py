@@ -13,35 +13,14 @@ bench/results/DATE-shared-weights-MODEL.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-_PROBE = r"""
-import json, sys, time
-import numpy as np
-from chattts_ort import InferCodeParams, Runtime
-a = json.loads(sys.argv[1])
-t0 = time.perf_counter()
-rt = Runtime.load(a["export"], threads=2, max_context=512, audio=False)
-load = time.perf_counter() - t0
-list(rt.stream("warm up", params=InferCodeParams(max_new_token=10, min_new_token=10)))
-gaps, last = [], None
-for f in rt.stream("hello world, this is a test", params=InferCodeParams(max_new_token=a["steps"], min_new_token=a["steps"], manual_seed=0)):
-    now = time.perf_counter()
-    if last is not None:
-        gaps.append(now - last)
-    last = now
-g = np.array(gaps[5:]) * 1000
-print(json.dumps({"median": float(np.median(g)), "p99": float(np.percentile(g, 99)), "load_s": load}))
-"""
-
+from decode_probe import decode_ms, write_results  # noqa: E402
 
 def shared_for(export: str) -> str:
     from chattts_ort.export.quantize import share_weights_export
@@ -84,12 +63,8 @@ def main(argv=None) -> int:
                   f"{row['private_each_mb']:.0f} MB, mapped from the export {row['mapped_each_mb']:.0f} MB", flush=True)
         for _ in range(args.reps):  # the two forms alternate
             for row in rows[-2:]:
-                r = subprocess.run([sys.executable, "-c", _PROBE, json.dumps({"export": row["export"],
-                                                                                "steps": args.steps})],
-                                   capture_output=True, text=True, timeout=900)
-                if r.returncode != 0:
-                    raise RuntimeError(r.stderr[-2000:])
-                row["speed"].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                row["speed"].append(decode_ms({"export": row["export"], "steps": args.steps, "threads": 2,
+                                               "audio": False}))
         for row in rows[-2:]:
             row["ms_median"] = statistics.median(s["median"] for s in row["speed"])
             row["ms_p99"] = statistics.median(s["p99"] for s in row["speed"])
@@ -110,12 +85,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['precision']} | {r['form']} | {r['pss_1_mb']:.0f} | {r[f'pss_{n}_mb']:.0f} | "
                      f"{r['ratio']:.2f} | {r['private_each_mb']:.0f} | {r['mapped_each_mb']:.0f} | "
                      f"{r['ms_median']:.2f} | {r['ms_p99']:.2f} | {r['load_s']:.2f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{stamp:%Y-%m-%d}-shared-weights-{args.model}"
-    Path(f"{stem}.json").write_text(json.dumps(res, indent=2))
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out) / f"{stamp:%Y-%m-%d}-shared-weights-{args.model}", res, lines)
     return 0
 
 

@@ -15,7 +15,6 @@ competitor.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -25,24 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from decode_probe import decode_ms, write_results  # noqa: E402
 
-_PROBE = r"""
-import json, sys, time
-import numpy as np
-from chattts_ort import InferCodeParams, Runtime
-a = json.loads(sys.argv[1])
-rt = Runtime.load(a["export"], threads=a["threads"], spin=a["spin"], max_context=512)
-list(rt.stream("warm up", params=InferCodeParams(max_new_token=10, min_new_token=10)))
-gaps, last = [], None
-for f in rt.stream("hello world, this is a test", params=InferCodeParams(max_new_token=a["steps"], min_new_token=a["steps"], manual_seed=0)):
-    now = time.perf_counter()
-    if last is not None:
-        gaps.append(now - last)
-    last = now
-g = np.array(gaps[5:]) * 1000
-print(json.dumps({"median": float(np.median(g)), "p99": float(np.percentile(g, 99)), "threads": rt.threads,
-                  "spinning": rt.spinning}))
-"""
 _GENAI_PROBE = r"""
 import json, sys
 import numpy as np
@@ -103,9 +86,16 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--policies", nargs="+", choices=sorted(SHORT), default=sorted(SHORT))
+    ap.add_argument("--layers-per-graph", type=int, default=1,
+                    help="chattts-ort's export: N decoder layers per graph (bench/granularity.py makes it)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
-    export = export_for(args.model, args.precision)
+    if args.layers_per_graph == 1:
+        export = export_for(args.model, args.precision)
+    else:
+        import granularity
+
+        export = granularity.export_for(args.model, args.layers_per_graph, args.precision)
     policies = {SHORT[k]: POLICIES[SHORT[k]] for k in SHORT if k in args.policies}
     genai_dir = None
     if "onnxruntime-genai" in policies:
@@ -124,16 +114,11 @@ def main(argv=None) -> int:
             for _ in range(args.reps):  # policies alternate within each repetition
                 for name, (threads, spin) in policies.items():
                     if threads == "genai":
-                        a = {"model_dir": genai_dir, "threads": spin, "steps": args.steps, "bench": str(HERE)}
-                        probe = _GENAI_PROBE
+                        got[name].append(decode_ms({"model_dir": genai_dir, "threads": spin, "steps": args.steps,
+                                                    "bench": str(HERE)}, probe=_GENAI_PROBE))
                     else:
-                        a = {"export": export, "threads": threads, "spin": spin, "steps": args.steps}
-                        probe = _PROBE
-                    r = subprocess.run([sys.executable, "-c", probe, json.dumps(a)], capture_output=True, text=True,
-                                       timeout=900)
-                    if r.returncode != 0:
-                        raise RuntimeError(r.stderr[-2000:])
-                    got[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                        got[name].append(decode_ms({"export": export, "threads": threads, "spin": spin,
+                                                    "steps": args.steps}))
         finally:
             for h in hogs:
                 h.kill()
@@ -147,21 +132,18 @@ def main(argv=None) -> int:
                   flush=True)
     checks = goals(rows, args.precision)
     res = {"date": stamp.isoformat(timespec="seconds"), "machine": cpu_name(), "model": args.model,
-           "precision": args.precision, "steps": args.steps, "reps": args.reps, "rows": rows,
+           "precision": args.precision, "layers_per_graph": args.layers_per_graph, "steps": args.steps, "reps": args.reps, "rows": rows,
            "command": "python bench/under_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "goals": [{"goal": g, "value": v, "met": m} for g, v, m in checks]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "-vs-genai" if "onnxruntime-genai" in policies else ""
-    base = out / f"{stamp:%Y-%m-%d}-under-load-{args.model}-{args.precision}{tag}"
-    Path(f"{base}.json").write_text(json.dumps(res, indent=2))
-    lines = [f"#### Under load ({args.model} model, {args.precision}), {res['date']} on {res['machine']}", "",
+    tag = (f"-lpg{args.layers_per_graph}" if args.layers_per_graph > 1 else "") + (
+        "-vs-genai" if "onnxruntime-genai" in policies else "")
+    lpg = f", {args.layers_per_graph} layers per graph" if args.layers_per_graph > 1 else ""
+    lines = [f"#### Under load ({args.model} model, {args.precision}{lpg}), {res['date']} on {res['machine']}", "",
              "| CPU-bound competitors | policy | ms/step median | p99 |", "|---|---|---|---|"]
     lines += [f"| {r['competitors']} | {r['policy']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} |" for r in rows]
     lines += ["", f"Command: `{res['command']}`", "", "| goal | value | met |", "|---|---|---|"]
     lines += [f"| {g} | {v} | {'yes' if m else 'no'} |" for g, v, m in checks]
-    Path(f"{base}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out) / f"{stamp:%Y-%m-%d}-under-load-{args.model}-{args.precision}{tag}", res, lines)
     return 0
 
 
