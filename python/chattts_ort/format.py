@@ -341,8 +341,10 @@ def graph_io(path: os.PathLike) -> dict:
     """Names, dtypes and shapes of a graph's inputs and outputs (read without loading the weights)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    return _io_of(onnx.load(str(path), load_external_data=False))
 
+
+def _io_of(m) -> dict:
     def one(v):
         t = v.type.tensor_type
         shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
@@ -352,11 +354,10 @@ def graph_io(path: os.PathLike) -> dict:
     return {"inputs": [one(v) for v in m.graph.input if v.name not in init], "outputs": [one(v) for v in m.graph.output]}
 
 
-def external_data_files(path: os.PathLike) -> list:
+def _external_data_files(m) -> list:
     """The external data files a graph's initializers name (none for a self-contained graph)."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
     files = set()
     for t in m.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -367,10 +368,13 @@ def external_data_files(path: os.PathLike) -> list:
 def graph_entry(folder: Path, file: str, precision: str = "fp32") -> dict:
     """The manifest entry of a graph file: its sha256, size, precision and IO (read from the file), and its
     external data file (`data`: file, sha256, bytes) when its weights live beside it."""
+    import onnx
+
     p = folder / file
     entry = {"file": file, "sha256": sha256_file(p), "bytes": p.stat().st_size, "precision": precision}
-    entry.update(graph_io(p))
-    data = external_data_files(p)
+    model = onnx.load(str(p), load_external_data=False)  # the graph only, once
+    entry.update(_io_of(model))
+    data = _external_data_files(model)
     if len(data) > 1:
         raise ExportError(f"{p}: weights spread over {len(data)} external files; chattts-ort exports keep one")
     if data:
