@@ -98,3 +98,33 @@ def test_plan_option_optimize(fp32, tmp_path):
         optimize_export(out, tmp_path / "again", progress=False)
 
 
+
+
+def test_a_matmul_the_quantizer_cannot_rewrite_is_an_error(tmp_path):
+    """onnxruntime's MatMulNBitsQuantizer silently leaves a MatMul whose weight is a Constant node (not an
+    initializer) in fp32; quantize_block says so instead of writing a block that is not what the plan asked."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from chattts_ort.export.quantize import quantize_block
+
+    rng = np.random.default_rng(0)
+
+    def model(second_as_constant: bool):
+        w1 = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w1")
+        w2 = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w2")
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["y"], name="first"),
+                 helper.make_node("MatMul", ["y", "w2"], ["z"], name="second")]
+        if second_as_constant:
+            nodes.insert(0, helper.make_node("Constant", [], ["w2"], value=w2))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 32])],
+                              initializer=[w1] if second_as_constant else [w1, w2])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    onnx.save(model(False), str(tmp_path / "a.onnx"))
+    quantize_block(tmp_path / "a.onnx", tmp_path / "b.onnx", "int8")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node] == ["MatMulNBits"] * 2
+    onnx.save(model(True), str(tmp_path / "c.onnx"))
+    with pytest.raises(QuantizeError, match="rewrote 1 of the 2 weight MatMuls"):
+        quantize_block(tmp_path / "c.onnx", tmp_path / "d.onnx", "int8")

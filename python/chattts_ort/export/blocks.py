@@ -38,12 +38,21 @@ def _wrappers():
             return self.layer(hidden, cos, sin, attn_bias, past_key, past_value)
 
     class HeadCodeBlock(torch.nn.Module):
+        """heads.forward_code with the code heads' weights side by side in one [E, k*V] MatMul: one kernel
+        (one activation quantization when quantized) instead of k MatMuls, Unsqueezes and a Concat. Every
+        logit is the same dot product as in its own head."""
+
         def __init__(self, heads):
             super().__init__()
             self.heads = heads
+            self.k, self.V = len(heads.head_code), heads.head_code[0].weight.shape[0]
+            # A parameter, so the export stores it as an initializer (the quantizers only rewrite those).
+            self.weight = torch.nn.Parameter(torch.cat([h.weight for h in heads.head_code], 0).detach().clone(),
+                                             requires_grad=False)
 
         def forward(self, hidden):
-            return self.heads.forward_code(hidden)
+            h = self.heads.last_hidden(hidden)
+            return torch.nn.functional.linear(h, self.weight).reshape(-1, self.k, self.V), h
 
     class HeadTextBlock(torch.nn.Module):
         def __init__(self, heads):

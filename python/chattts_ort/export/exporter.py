@@ -20,7 +20,8 @@ from ..defaults import default_export_dir
 from ..format import (AUDIO_BLOCKS, AUDIO_IO, FORMAT, LAYER_FORMS, MANIFEST, OPSET, atomic_folder,
                       check_output_folder, graph_entry, layer_groups, layer_name, tag_graph, write_manifest)
 from ..version import __version__
-from .blocks import EMBED_IO, HEAD_IO, LAYER_IO, SAMPLE_IO, _wrappers, example_inputs
+from .blocks import EMBED_IO, HEAD_IO, LAYER_IO, _wrappers, example_inputs
+from .sample_graph import build_sample_graph
 
 
 def _export_graph(module, args, path: Path, io):
@@ -89,37 +90,38 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
         raise ExportError(f"layers_per_graph {layers_per_graph} is more than the model's {cfg.num_layers} layers")
     groups = layer_groups(cfg.num_layers, layers_per_graph)
     audio_src, audio_note = _audio_source(source_folder(src), cfg.hidden_size)
-    EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, SampleHead = _wrappers()
+    EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, _ = _wrappers()
 
     with atomic_folder(out, force) as tmp:
-        jobs = [("embed", lambda: (EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO))]
-        if layer_form == "fused":  # graph i holds the layers of groups[i]
+        # Each job builds one block's ModelProto (traced with torch.onnx, or written node by node) for `path`.
+        def traced(module, args, io):
+            return lambda path: _export_graph(module, args, path, io)
+
+        jobs = [("embed", lambda: traced(EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO))]
+        if layer_form == "fused":  # graph i holds the layers of groups[i]; written directly from the weights
+            from .fused import build_fused_layers
+
             for i, group in enumerate(groups):
-                jobs.append((layer_name(i), lambda group=group: ([gpt.layers[j] for j in group], None, None)))
+                jobs.append((layer_name(i), lambda i=i, group=group: lambda path: build_fused_layers(
+                    [gpt.layers[j] for j in group], cfg, name=layer_name(i), kv_dtype=kv_dtype,
+                    layers_per_graph=layers_per_graph)))
         else:
             for i, layer in enumerate(gpt.layers):
                 jobs.append((layer_name(i),
-                             lambda layer=layer: (LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO)))
-        jobs.append(("head_code", lambda: (HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
-        jobs.append(("head_text", lambda: (HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO)))
-        jobs.append(("sample", lambda: (SampleHead(), example_inputs(cfg, "sample"), SAMPLE_IO)))
+                             lambda layer=layer: traced(LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO)))
+        jobs.append(("head_code", lambda: traced(HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
+        jobs.append(("head_text", lambda: traced(HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO)))
+        jobs.append(("sample", lambda: lambda path: build_sample_graph()))
         if audio_src is not None:
-            jobs += _audio_jobs(audio_src)
+            jobs += [(block, lambda make=make: traced(*make())) for block, make in _audio_jobs(audio_src)]
 
         bar = _progress(len(jobs), progress, "export")
         with torch.no_grad():
             for block, make in jobs:
                 if bar is not None:
                     bar.set_postfix_str(block)
-                module, args, io = make()
                 path = tmp / f"{block}.onnx"
-                if io is None:  # fused layers: written directly from the weights
-                    from .fused import build_fused_layers
-
-                    model = build_fused_layers(module, cfg, name=block, kv_dtype=kv_dtype,
-                                               layers_per_graph=layers_per_graph)
-                else:
-                    model = _export_graph(module, args, path, io)
+                model = make()(path)
                 tag_graph(model, block)
                 _save(model, path)
                 if bar is not None:

@@ -143,9 +143,17 @@ def quantize_block(src: Path, dst: Path, precision: str, block_size: int = 32) -
     elif precision in ("int8", "int4"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        excluded = _idft_matmuls(model)
+        constants = {i.name for i in model.graph.initializer} | {
+            n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+        wanted = sum(n.op_type == "MatMul" and n.name not in excluded and n.input[1] in constants
+                     for n in model.graph.node)
         q = MatMulNBitsQuantizer(model, bits=8 if precision == "int8" else 4, block_size=block_size,
-                                 is_symmetric=True, accuracy_level=4, nodes_to_exclude=_idft_matmuls(model))
+                                 is_symmetric=True, accuracy_level=4, nodes_to_exclude=excluded)
         q.process()
+        done = sum(n.op_type == "MatMulNBits" for n in q.model.model.graph.node)
+        if done < wanted:  # the quantizer skips what it cannot rewrite without a word: say so
+            raise QuantizeError(f"{src.name}: {precision} rewrote {done} of the {wanted} weight MatMuls")
         q.model.save_model_to_file(str(dst), False)
     elif precision == "int8-dynamic":
         from onnx import TensorProto
