@@ -142,3 +142,22 @@ def test_quick_bench_every_number_is_measured(quick_report):
     for g in rep["goals"]:
         assert (g["met"] is None) == (g["value"] is None)
         assert g["met"] is not None or g["not_measured"]
+
+
+@pytest.mark.skipif(not _has_genai(), reason="onnxruntime-genai is not installed (extra: bench)")
+def test_gap_bench_measures_every_part(tmp_path, _private_cache):
+    """bench/gap.py on the tiny model: the four decodes are measured, the table's ratios are computed from them."""
+    cmd = [sys.executable, str(REPO / "bench" / "gap.py"), "--model", "tiny", "--precision", "fp32", "--reps", "1",
+           "--steps", "20", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (path,) = tmp_path.glob("*-gap-tiny-fp32.json")
+    rep = json.loads(path.read_text())
+    med = rep["median_ms"]
+    assert set(med) == {"genai", "genai graph", "layers", "chattts-ort"}
+    for name, runs in rep["runs"].items():
+        assert len(runs) == 1 and _close(med[name], runs[0]["median"]) and 0 < runs[0]["median"] < 1000, name
+    prof = rep["runs"]["chattts-ort"][0]["profile"]
+    assert prof["steps"] >= 19 and _close(rep["chattts_ort_layers_ms"], prof["layers"])
+    md = path.with_suffix(".md").read_text()
+    assert f"| chattts-ort (Runtime.stream) | {med['chattts-ort']:.2f} | {med['chattts-ort'] / med['genai']:.2f} |" in md
