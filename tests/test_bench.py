@@ -161,3 +161,35 @@ def test_gap_bench_measures_every_part(tmp_path, _private_cache):
     assert prof["steps"] >= 19 and _close(rep["chattts_ort_layers_ms"], prof["layers"])
     md = path.with_suffix(".md").read_text()
     assert f"| chattts-ort (Runtime.stream) | {med['chattts-ort']:.2f} | {med['chattts-ort'] / med['genai']:.2f} |" in md
+
+
+def _can_limit_memory():
+    sys.path.insert(0, str(REPO / "bench"))
+    import low_memory
+
+    return low_memory._cgroup_root()[0] is not None
+
+
+@pytest.mark.skipif(not _can_limit_memory(), reason="needs root and a memory cgroup hierarchy")
+def test_low_memory_bench_enforces_the_limit(tmp_path, _private_cache):
+    """bench/low_memory.py on the tiny model: without a limit the decode completes and its cgroup's peak is
+    recorded; with a limit of half that peak, the peak stays under the limit and the limit is hit (pages reclaimed
+    or the process killed), so the limit is really applied to the measured process."""
+    import low_memory
+
+    def run(limit, out):
+        cmd = [sys.executable, str(REPO / "bench" / "low_memory.py"), "--model", "tiny", "--precisions", "fp32",
+               "--forms", "plain", "--limits-mb", str(limit), "--steps", "20", "--timeout", "120", "--out", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        (path,) = out.glob("*-low-memory-tiny.json")
+        (row,) = json.loads(path.read_text())["rows"]
+        return row
+
+    free = run(0, tmp_path / "free")
+    assert free["status"] == "ok" and 0 < free["median"] < 1000 and free["limit_hits"] == 0 and free["peak_mb"] > 8
+    limit = int(free["peak_mb"] // 2)
+    tight = run(limit, tmp_path / "tight")
+    assert tight["peak_mb"] <= limit + 0.5 and tight["limit_hits"] > 0, (free, tight)
+    assert tight["status"] in ("ok", "killed (out of memory)"), tight
+    assert not list(low_memory._cgroup_root()[1].glob("chattts-low-memory-*"))  # the groups are removed
