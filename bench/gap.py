@@ -124,7 +124,8 @@ print(json.dumps({"median": float(np.median(g)), "p99": float(np.percentile(g, 9
 def main(argv=None) -> int:
     import json
 
-    from streams import cpu_name, export_for
+    import granularity
+    from streams import cpu_name
 
     from chattts_ort.format import read_manifest
 
@@ -136,12 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
-    if args.layers_per_graph == 1:
-        export = export_for(args.model, args.precision)
-    else:
-        import granularity
-
-        export = granularity.export_for(args.model, args.layers_per_graph, args.precision)
+    export = granularity.export_for(args.model, args.layers_per_graph, args.precision)  # N = 1: the default
     m = read_manifest(export)
     if m.get("layer_form") != "fused":
         raise SystemExit("bench/gap.py measures the fused layer form")

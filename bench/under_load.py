@@ -77,7 +77,8 @@ def goals(rows, precision):
 
 
 def main(argv=None) -> int:
-    from streams import cpu_name, export_for
+    import granularity
+    from streams import cpu_name
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="full", choices=["full", "tiny"])
@@ -90,12 +91,7 @@ def main(argv=None) -> int:
                     help="chattts-ort's export: N decoder layers per graph (bench/granularity.py makes it)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
-    if args.layers_per_graph == 1:
-        export = export_for(args.model, args.precision)
-    else:
-        import granularity
-
-        export = granularity.export_for(args.model, args.layers_per_graph, args.precision)
+    export = granularity.export_for(args.model, args.layers_per_graph, args.precision)  # N = 1: the default
     policies = {SHORT[k]: POLICIES[SHORT[k]] for k in SHORT if k in args.policies}
     genai_dir = None
     if "onnxruntime-genai" in policies:
