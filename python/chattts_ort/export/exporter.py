@@ -39,6 +39,14 @@ def _export_graph(module, args, path: Path, io):
     return onnx.load(str(path))
 
 
+def _traced(make):
+    """An export job for a traced block: make() -> (module, example args, io)."""
+    def build(path: Path):
+        module, args, io = make()
+        return _export_graph(module, args, path, io)
+    return build
+
+
 @dataclass
 class ExportReport:
     out_dir: Path
@@ -93,35 +101,35 @@ def export_model(src, out, *, force: bool = False, progress: bool = True, layer_
     EmbedBlock, LayerBlock, HeadCodeBlock, HeadTextBlock, _ = _wrappers()
 
     with atomic_folder(out, force) as tmp:
-        # Each job builds one block's ModelProto (traced with torch.onnx, or written node by node) for `path`.
-        def traced(module, args, io):
-            return lambda path: _export_graph(module, args, path, io)
-
-        jobs = [("embed", lambda: traced(EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO))]
+        # Each job: (block, build) where build(path) returns the block's ModelProto, traced with torch.onnx or
+        # written node by node; modules and example inputs are made when the job runs.
+        jobs = [("embed", _traced(lambda: (EmbedBlock(gpt, cfg), example_inputs(cfg, "embed"), EMBED_IO)))]
         if layer_form == "fused":  # graph i holds the layers of groups[i]; written directly from the weights
             from .fused import build_fused_layers
 
             for i, group in enumerate(groups):
-                jobs.append((layer_name(i), lambda i=i, group=group: lambda path: build_fused_layers(
+                jobs.append((layer_name(i), lambda path, i=i, group=group: build_fused_layers(
                     [gpt.layers[j] for j in group], cfg, name=layer_name(i), kv_dtype=kv_dtype,
                     layers_per_graph=layers_per_graph)))
         else:
             for i, layer in enumerate(gpt.layers):
-                jobs.append((layer_name(i),
-                             lambda layer=layer: traced(LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO)))
-        jobs.append(("head_code", lambda: traced(HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO)))
-        jobs.append(("head_text", lambda: traced(HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO)))
-        jobs.append(("sample", lambda: lambda path: build_sample_graph()))
+                jobs.append((layer_name(i), _traced(
+                    lambda layer=layer: (LayerBlock(layer), example_inputs(cfg, "layer"), LAYER_IO))))
+        jobs.append(("head_code", _traced(
+            lambda: (HeadCodeBlock(gpt.heads), example_inputs(cfg, "head_code"), HEAD_IO))))
+        jobs.append(("head_text", _traced(
+            lambda: (HeadTextBlock(gpt.heads), example_inputs(cfg, "head_text"), HEAD_IO))))
+        jobs.append(("sample", lambda path: build_sample_graph()))
         if audio_src is not None:
-            jobs += [(block, lambda make=make: traced(*make())) for block, make in _audio_jobs(audio_src)]
+            jobs += [(block, _traced(make)) for block, make in _audio_jobs(audio_src)]
 
         bar = _progress(len(jobs), progress, "export")
         with torch.no_grad():
-            for block, make in jobs:
+            for block, build in jobs:
                 if bar is not None:
                     bar.set_postfix_str(block)
                 path = tmp / f"{block}.onnx"
-                model = make()(path)
+                model = build(path)
                 tag_graph(model, block)
                 _save(model, path)
                 if bar is not None:
