@@ -45,16 +45,11 @@ so.use_per_session_threads = False
 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 sessions = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]) for p in a["graphs"]]
 H, D, E = a["heads"], a["head_dim"], a["hidden"]
-def kv(b, s):
-    ins = [i.name for i in s.get_inputs()]
-    outs = [o.name for o in s.get_outputs()]
-    for i in ins:
-        if i.startswith("past"):
-            v = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, H, M, D), np.float32))
-            b.bind_ortvalue_input(i, v)
-            b.bind_ortvalue_output(i.replace("past_key_values", "present").replace("past_", "present_"), v)
-    return ins, outs
-binds = []
+def kv(b, s):  # every past input and its present output share one [1, H, M, D] buffer
+    for i in (i.name for i in s.get_inputs() if i.name.startswith("past")):
+        v = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, H, M, D), np.float32))
+        b.bind_ortvalue_input(i, v)
+        b.bind_ortvalue_output(i.replace("past_key_values", "present").replace("past_", "present_"), v)
 if a["kind"] == "genai":
     s = sessions[0]
     b = s.io_binding()
@@ -75,6 +70,7 @@ else:
          ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, E), np.float32))]
     seq = np.zeros(1, np.int32); tot = np.zeros((), np.int32)
     seq_v, tot_v = ort.OrtValue.ortvalue_from_numpy(seq), ort.OrtValue.ortvalue_from_numpy(tot)
+    binds = []
     for k, s in enumerate(sessions):
         b = s.io_binding()
         kv(b, s)

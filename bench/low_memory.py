@@ -157,12 +157,9 @@ def main(argv=None) -> int:
              "| precision | form | GPT files MB | limit MB | result | ms/step median | p99 | load s | peak MB | "
              "limit hit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ok = r["status"] == "ok"
+        speed = (f"{r['median']:.2f} | {r['p99']:.2f} | {r['load_s']:.1f}" if r["status"] == "ok" else "- | - | -")
         lines.append(f"| {r['precision']} | {r['form']} | {r['gpt_files_mb']:.0f} | {r['limit_mb'] or 'none'} | "
-                     f"{r['status']} | {r['median']:.2f} | {r['p99']:.2f} | {r['load_s']:.1f} | " if ok else
-                     f"| {r['precision']} | {r['form']} | {r['gpt_files_mb']:.0f} | {r['limit_mb'] or 'none'} | "
-                     f"{r['status']} | - | - | - | ")
-        lines[-1] += f"{r['peak_mb']:.0f} | {r['limit_hits']} |"
+                     f"{r['status']} | {speed} | {r['peak_mb']:.0f} | {r['limit_hits']} |")
     lines += ["", f"Command: `{res['command']}`"]
     write_results(Path(args.out) / f"{stamp:%Y-%m-%d}-low-memory-{args.model}", res, lines)
     return 0

@@ -60,7 +60,8 @@ def build_sample_graph(name: str = "sample") -> onnx.ModelProto:
     neg = node("Less", [x, zero], ["x_neg"])
     x = node("Where", [neg, node("Mul", [x, alpha], ["x_mul"]), node("Div", [x, alpha], ["x_div"])], ["x_pen"])
     # Top-p on the ascending order (TopK of all V, smallest first, as the traced sort).
-    sorted_x, order = node("TopK", [x, v1], ["sorted_x", "order"], axis=1, largest=0, sorted=1), "order"
+    sorted_x, order = "sorted_x", "order"
+    node("TopK", [x, v1], [sorted_x, order], axis=1, largest=0, sorted=1)
     cum = node("CumSum", [node("Softmax", [sorted_x], ["sorted_p"], axis=1), const("axis_1", np.array(1, np.int64))],
                ["cum_p"])
     thr = node("Sub", [one, node("Unsqueeze", ["top_p", ax1], ["top_p_col"])], ["top_p_thr"])
