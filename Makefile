@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU torch wheel (export and the PyTorch reference only); other versions download gigabytes.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,export,bench,serve,ray]"
+	$(BIN)/python -m pip install -q -e ".[test,export,bench,serve,ray,numbers]"
 	# Optional: ChatTTS 0.2.5 and vocos 0.1.0 themselves, the references of the parity tests (its GPT.generate,
 	# its Decoder, vocos's vocoder), without their dependencies: torchaudio has no build for this torch. The
 	# tests skip with the reason if they are absent.

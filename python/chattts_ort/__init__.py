@@ -10,6 +10,7 @@ from .version import __version__  # noqa: F401
 from .errors import AssetError, ChatTTSOrtError, ExportError, GenerationError, QuantizeError  # noqa: E402
 from .params import InferCodeParams, RefineTextParams  # noqa: E402
 from . import speaker  # noqa: E402,F401  (spk_emb strings: encode / decode / random_speaker)
+from .frontend import Normalizer  # noqa: E402,F401  (ChatTTS's text front-end)
 
 __all__ = ["Runtime", "Frame", "Generation", "AudioChunk", "InferCodeParams", "RefineTextParams", "ChatTTSOrtError",
            "AssetError", "ExportError", "GenerationError", "QuantizeError", "__version__"]
