@@ -6,6 +6,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests never touch the network: the Hugging Face Hub is off for everything this process and its children do
+# (huggingface_hub reads these at import), so the default model resolves to the random one at once. The Hub's
+# tests start their own loopback Hub and pass its address to the processes they run.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):

@@ -38,7 +38,7 @@ def solo(fused):
 
 
 def _params(i, n=60, **kw):
-    return InferCodeParams(max_new_token=n, min_new_token=kw.pop("min_new", n), manual_seed=100 + i,
+    return InferCodeParams(max_new_token=n, min_new_token=kw.pop("min_new", n), manual_seed=kw.pop("seed", 100 + i),
                            temperature=[0.2 + 0.05 * i, 0.3, 0.4, 0.3 + 0.1 * (i % 3)], top_P=0.6 + 0.05 * (i % 5),
                            top_K=10 + 3 * i, repetition_penalty=1.0 + 0.05 * (i % 4), return_hidden=True, **kw)
 
@@ -82,7 +82,7 @@ def test_concurrent_streams_equal_their_solo_runs(rt, solo):
 
 def test_eos_ends_one_row_and_others_go_on(rt, solo):
     # min_new 0 lets EOS happen; each stream's stop reason and length equal its solo run.
-    ps = [_params(i, 150, min_new=0) for i in range(4)]
+    ps = [_params(i, 150, min_new=0, seed=124 + i) for i in range(4)]  # seeds whose streams end by EOS
     want = [solo.generate(TEXTS[i], params=ps[i]).codes[0] for i in range(4)]
     got = {}
     ts = [threading.Thread(target=lambda i=i: got.__setitem__(i, rt.generate(TEXTS[i], params=ps[i]).codes[0]))

@@ -4,7 +4,7 @@ count too), and the checks of the layering the README's module map describes:
     floor 0  the package root: the torch-free product (format, runtime, params, ...)
     floor 1  export/  (torch): may import the root
     floor 2  checks/  (proof): may import the root and export/
-    floor 3  cli.py   the command line, the composition root: may import anything
+    floor 3  cli.py, prepare.py   the command line and the model it runs, the composition root: may import anything
 
 An upward import is one from a lower floor to a higher one. Run: python tools/import_graph.py [--dot]
 """
@@ -70,7 +70,7 @@ def graph() -> dict:
 
 
 def floor(mod: str) -> int:
-    if mod == f"{PKG}.cli":
+    if mod in (f"{PKG}.cli", f"{PKG}.prepare"):
         return 3
     if mod.startswith(f"{PKG}.checks"):
         return 2

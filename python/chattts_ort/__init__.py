@@ -1,6 +1,6 @@
 """chattts-ort: ChatTTS's GPT exported to ONNX block by block, run from a C++ core on ONNX Runtime.
 
-    rt = chattts_ort.Runtime.load(export_dir)
+    rt = chattts_ort.Runtime.load(export_dir)      # or chattts_ort.prepare.load_model("2Noise/ChatTTS")
     for frame in rt.stream("Hello."):
         frame.codes  # four audio codes
 
@@ -12,7 +12,8 @@ from .params import InferCodeParams, RefineTextParams  # noqa: E402
 from . import speaker  # noqa: E402,F401  (spk_emb strings: encode / decode / random_speaker)
 from .frontend import Normalizer  # noqa: E402,F401  (ChatTTS's text front-end)
 
-__all__ = ["Runtime", "Frame", "Generation", "AudioChunk", "InferCodeParams", "RefineTextParams", "ChatTTSOrtError",
+__all__ = ["Runtime", "Frame", "Generation", "AudioChunk", "InferCodeParams", "RefineTextParams", "Normalizer",
+           "ChatTTSOrtError",
            "AssetError", "ExportError", "GenerationError", "QuantizeError", "__version__"]
 
 

@@ -84,57 +84,18 @@ def _cmd_memory(args) -> int:
     return 0
 
 
-# The demo's default model runs at the fastest precision whose quantization report passes: greedy agreement
-# with fp32 over the report's 200 teacher-forced steps of at least this (the goal of the quantization issue).
-DEMO_AGREEMENT = 0.95
-
-
-def demo_model(kind: str = "full", progress: bool = True):
-    """(export folder, why this precision) for the default model: int4 if its quantization report passes,
-    else int8, else fp32. Exports, quantizes and writes each report once (cached beside the fp32 export)."""
-    import json
-
-    from .checks.verify import verify_export
-    from .export.exporter import default_export
-    from .export.quantize import quantize_export
-
-    fp32 = default_export(kind, progress=progress)
-    failed = []
-    for prec in ("int4", "int8"):
-        path = fp32.parent / f"{fp32.name}-{prec}"
-        if not (path / "manifest.json").is_file():
-            if progress:
-                print(f"first use: quantizing the default model to {prec} ...", flush=True)
-            quantize_export(fp32, path, plan=prec, force=True, progress=False)
-        report = path / "verify.json"
-        saved = json.loads(report.read_text()) if report.is_file() else {}
-        if saved.get("against") != str(fp32) or saved.get("chain", {}).get("steps") != 200:
-            if progress:
-                print(f"first use: checking {prec} against fp32 (the quantization report) ...", flush=True)
-            verify_export(path, against=fp32, steps=200)
-            saved = json.loads(report.read_text())
-        agreement = saved["chain"]["agreement"]
-        if agreement >= DEMO_AGREEMENT:
-            why = (f"precision {prec}: the fastest that passes the quantization report (greedy agreement with fp32 "
-                   f"{100 * agreement:.1f}% >= {100 * DEMO_AGREEMENT:.0f}%"
-                   + (f"; {', '.join(failed)}" if failed else "") + ")")
-            return path, why
-        failed.append(f"{prec} {100 * agreement:.1f}% does not")
-    return fp32, f"precision fp32: no quantized precision passes the quantization report ({', '.join(failed)})"
-
-
 def _cmd_demo(args) -> int:
     from . import InferCodeParams, Runtime
 
-    if args.model:
-        folder, why = args.model, ""
-    else:
-        folder, why = demo_model(progress=True)
-        print(why)
-        if args.min_frames is None:
-            # The random default model ends at random; a floor shows the steady speed.
-            args.min_frames = min(150, args.frames)
-            print(f"the default model has random weights: at least {args.min_frames} frames (--min-frames)")
+    from .prepare import resolve_model
+
+    prep = resolve_model(args.model)
+    print(prep.why)
+    folder = prep.folder
+    if args.min_frames is None and prep.random:
+        # The random model ends at random; a floor shows the steady speed.
+        args.min_frames = min(150, args.frames)
+        print(f"the model has random weights: at least {args.min_frames} frames (--min-frames)")
     args.min_frames = args.min_frames or 0
     t_load = time.perf_counter()
     rt = Runtime.load(folder, device=args.device, threads=args.threads)
@@ -190,7 +151,7 @@ def _cmd_say(args) -> int:
 
     import soundfile as sf
 
-    from . import InferCodeParams, Runtime
+    from . import InferCodeParams, RefineTextParams, Runtime
 
     out = Path(args.out)
     if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
@@ -198,15 +159,15 @@ def _cmd_say(args) -> int:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
     player = _player(24000) if args.play else None
-    if args.model:
-        folder, why = args.model, ""
-    else:
-        folder, why = demo_model(progress=True)
-        print(why)
-    rt = Runtime.load(folder, device=args.device, threads=args.threads)
+    from .prepare import resolve_model
+
+    prep = resolve_model(args.model)
+    print(prep.why)
+    folder = prep.folder
+    rt = Runtime.load(folder, device=args.device, threads=args.threads, strict=args.strict)
     if not rt.has_audio:
         raise RuntimeError(f"{folder}: {rt.no_audio_reason}")
-    min_frames = args.min_frames if args.min_frames is not None else (0 if args.model else min(150, args.frames))
+    min_frames = args.min_frames if args.min_frames is not None else (min(150, args.frames) if prep.random else 0)
     params = InferCodeParams(max_new_token=args.frames, min_new_token=min_frames, manual_seed=args.seed,
                              spk_emb=_voice(args.voice, rt.config["hidden_size"]))
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
@@ -217,7 +178,8 @@ def _cmd_say(args) -> int:
         n = 0
         with sf.SoundFile(tmp, "w", samplerate=rt.sample_rate, channels=1,
                           subtype="PCM_16" if out.suffix.lower() != ".ogg" else "VORBIS") as f:
-            for chunk in rt.stream_audio(args.text, params=params, lookahead=args.lookahead):
+            refine = RefineTextParams(manual_seed=args.seed) if args.refine else None
+            for chunk in rt.stream_audio(args.text, params=params, lookahead=args.lookahead, refine=refine):
                 if first is None:
                     first = time.perf_counter() - t0
                 f.write(chunk.samples)
@@ -259,10 +221,11 @@ def _player(rate: int):
 def _cmd_serve(args) -> int:
     from .server import serve
 
-    model = args.model
-    if model is None:
-        model, why = demo_model(progress=True)
-        print(why)
+    from .prepare import resolve_model
+
+    prep = resolve_model(args.model)
+    print(prep.why)
+    model = str(prep.folder)
     if args.ray or args.replicas or args.max_replicas or args.ray_address:
         try:
             from .ray_serve import RayServeArgs, run
@@ -302,6 +265,10 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
+
+
+MODEL_HELP = ("an export folder, a ChatTTS asset folder, a Hub model (2Noise/ChatTTS[@revision]) or random; default: "
+              "ChatTTS's model from the Hub when cached or downloadable, else the random model of its shape")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,12 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("say", help="speak a sentence into a WAV file, streamed; prints first-audio latency and RTF")
     s.add_argument("text", nargs="?", default="chattts-ort speaks from a native core, as the words are sampled.")
     s.add_argument("-o", "--out", default="say.wav", help="output file: .wav (default say.wav), .flac or .ogg")
-    s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--voice", default=None,
                    help="speaker: a spk_emb string, a file holding one (or an .npy of values), or seed:N")
     s.add_argument("--lookahead", type=int, default=None,
                    help="frames of lookahead (default: exact, 52; fewer start sooner, see docs/AUDIO.md)")
     s.add_argument("--play", action="store_true", help="also play it (needs sounddevice and an output device)")
+    s.add_argument("--refine", action="store_true",
+                   help="refine the text first, as ChatTTS's infer() does by default (adds pauses, laughs; costs "
+                        "a text-mode generation before the first audio)")
+    s.add_argument("--strict", action="store_true",
+                   help="refuse text with characters the tokenizer cannot read (default: a warning naming them)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=_positive_int, default=None)
     s.add_argument("--frames", type=_positive_int, default=600, help="max_new_token (600 frames = 12.8 s)")
@@ -379,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_say)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech), streamed")
-    s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_positive_int, default=8000)
     s.add_argument("--max-streams", type=_positive_int, default=4,
@@ -405,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="stream audio-code frames for a sentence and print the speed")
     s.add_argument("text", nargs="?", default="chattts-ort streams audio codes from a native core.")
-    s.add_argument("--model", default=None, help="export folder (default: the random full-shape model)")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=_positive_int, default=None)
     s.add_argument("--frames", type=_positive_int, default=300, help="max_new_token")

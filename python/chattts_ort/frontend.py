@@ -289,7 +289,7 @@ def _wetext_zh() -> Optional[Callable[[str], str]]:
     logging.getLogger("wetext").setLevel(logging.WARNING)  # its own handler prints every grammar it loads
     t = time.perf_counter()
     fn = ZhNormalizer(remove_interjections=False).normalize
-    _LOG.info("WeTextProcessing zh normalizer ready in %.2f s", time.perf_counter() - t)
+    _LOG.debug("WeTextProcessing zh normalizer ready in %.2f s", time.perf_counter() - t)
     return fn
 
 
@@ -302,7 +302,7 @@ def _nemo_en(cache: Optional[str]) -> Optional[Callable[[str], str]]:
         return None
     t = time.perf_counter()
     norm = EnNormalizer(input_case="cased", lang="en", cache_dir=cache)  # grammars: ~25 s to build, cached after
-    _LOG.info("nemo_text_processing en normalizer ready in %.2f s", time.perf_counter() - t)
+    _LOG.debug("nemo_text_processing en normalizer ready in %.2f s", time.perf_counter() - t)
     return functools.partial(norm.normalize, verbose=False, punct_post_process=True)
 
 

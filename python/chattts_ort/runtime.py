@@ -9,6 +9,7 @@ Python call per step, none per layer. Speech (`stream_audio`, `synthesize`): eac
 from __future__ import annotations
 
 import atexit
+import logging
 import numbers
 import os
 import threading
@@ -27,6 +28,8 @@ from .params import (InferCodeParams, RefineTextParams, build_prompt_code, build
                      strip_tags)
 
 SpeakerLike = Union[None, str, np.ndarray, Sequence[float]]
+RefineLike = Union[None, bool, RefineTextParams]
+log = logging.getLogger("chattts_ort")
 
 
 @dataclass
@@ -116,6 +119,9 @@ AUDIO_THREADS = 2
 _LIVE: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 
 
+_DEFAULT = object()  # Runtime.normalizer not chosen yet: the default front-end, made on first use
+
+
 @atexit.register
 def _stop_all_at_exit() -> None:
     """A daemon thread may still be streaming when the interpreter exits: end every live generation (a Run in
@@ -145,6 +151,8 @@ class Runtime:
         self._model = model
         self._state = state
         self._tokenizer = tokenizer
+        self.strict = False                 # text the tokenizer cannot read fully: error (True) or warning
+        self._normalizer = _DEFAULT
         self.max_streams = 1
         self._scheduler = None              # the batched loop of concurrent streams (max_streams > 1)
         self._audio = None                  # the audio path's engine (None: codes only, see no_audio_reason)
@@ -160,7 +168,7 @@ class Runtime:
              max_context: Optional[int] = None, max_batch: int = 1, verify: bool = True,
              session_config: Optional[dict] = None, max_streams: int = 1, queue_frames: int = 256,
              batch_invariant: bool = False, spin: Optional[bool] = None, audio: Optional[bool] = None,
-             audio_threads: Optional[int] = None) -> "Runtime":
+             audio_threads: Optional[int] = None, strict: bool = False) -> "Runtime":
         """Load an export folder written by `chattts-ort export`.
 
         device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: the usable
@@ -186,6 +194,8 @@ class Runtime:
         (ExportError saying why when the export has none); False: codes only (saves its memory, ~2x the
         Decoder and Vocos weights). audio_threads: intra-op threads of the audio path's own sessions, which run
         beside the GPT's pool (default: AUDIO_THREADS, at most the usable cores).
+        strict: refuse text with characters the tokenizer cannot read (ValueError) instead of logging a warning
+        that names them and going on without them, as ChatTTS does.
         """
         folder = Path(export_dir)
         manifest = open_export(folder, hashes=verify)
@@ -216,6 +226,8 @@ class Runtime:
             raise ValueError(f"spin must be None, True or False, got {spin!r}")
         if audio is not None and not isinstance(audio, (bool, np.bool_)):
             raise ValueError(f"audio must be None, True or False, got {audio!r}")
+        if not isinstance(strict, (bool, np.bool_)):
+            raise ValueError(f"strict must be True or False, got {strict!r}")
         if audio_threads is None:
             audio_threads = min(AUDIO_THREADS, available_cpus())
         audio_threads = check_int("audio_threads", audio_threads, 1, cap)
@@ -283,6 +295,7 @@ class Runtime:
         tok = Tokenizer(folder / manifest.get("tokenizer", "tokenizer.json"))
         rt = cls(folder, manifest, model, state, tok, device, threads, max_context, max_batch)
         rt.max_streams = max_streams
+        rt.strict = bool(strict)
         rt._scheduler = scheduler
         rt._audio, rt._audio_why = engine, why
         rt.spinning = bool(c.spinning())
@@ -343,11 +356,52 @@ class Runtime:
         return {k: (v / n if n else 0.0) for k, v in raw.items()} | {"steps": int(n)}
 
     def tokenize(self, prompt: str) -> list:
-        ids = self._tokenizer.encode(prompt)
-        unk = self.special.get("UNK", 100)
-        if unk in ids:
-            raise ValueError(f"text has characters the tokenizer does not know (mapped to [UNK]): {prompt!r}")
+        """Token ids of a prompt. Pieces the tokenizer cannot read become [UNK]: with `strict` a ValueError,
+        else a warning that names them (ChatTTS goes on with [UNK] too)."""
+        ids, unknown = self._tokenizer.encode_checked(prompt)
+        if unknown:
+            what = ", ".join(repr(u) for u in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            if self.strict:
+                raise ValueError(f"text has characters the tokenizer does not know (mapped to [UNK]): {what}")
+            log.warning("the tokenizer does not know %s (read as [UNK])", what)
         return ids
+
+    # ------------------------------------------------------------------------------------------------------
+    # Text, as ChatTTS's infer() takes it before the codes: the front-end, then optionally the refinement.
+
+    @property
+    def normalizer(self):
+        """The text front-end every call applies (chattts_ort.Normalizer: ChatTTS's, with the number
+        normalizers that are installed registered). Assign another one, or None to feed texts as they are."""
+        if self._normalizer is _DEFAULT:
+            from .frontend import default_normalizer
+
+            self._normalizer = default_normalizer()
+        return self._normalizer
+
+    @normalizer.setter
+    def normalizer(self, value) -> None:
+        if value is not None and not callable(value):
+            raise TypeError("normalizer must be a callable (text, ...) -> str, or None")
+        self._normalizer = value
+
+    def prepare_text(self, text, normalize: bool = True, lang: Optional[str] = None,
+                     refine: RefineLike = None) -> list:
+        """The texts the code prompts are made of, as ChatTTS's infer() makes them: each text through the
+        front-end (`normalizer`; skipped with normalize=False), then, with `refine` (True or RefineTextParams),
+        through the GPT's text mode (refine_text)."""
+        texts = self._texts(text)
+        if lang not in (None, "zh", "en"):
+            raise ValueError(f"lang must be None, 'zh' or 'en', got {lang!r}")
+        if normalize and self.normalizer is not None:
+            texts = [self.normalizer(t, lang=lang) for t in texts]
+        for t in texts:
+            if not self._tokenizer.encode(strip_tags(t)):
+                raise ValueError(f"text {t[:40]!r} is empty after normalisation (nothing the tokenizer reads)")
+        if refine:
+            params = refine if isinstance(refine, RefineTextParams) else RefineTextParams()
+            texts = self.refine_text(texts, params=params, normalize=False)
+        return texts
 
     def _speakers(self, speaker: SpeakerLike, B: int) -> Optional[np.ndarray]:
         """[B, E] float32 of fp16 values, or None."""
@@ -385,8 +439,6 @@ class Runtime:
                 raise TypeError(f"text must be a str or a list of str, got {type(t).__name__}")
             if not t.strip():
                 raise ValueError("text is empty")
-            if not self._tokenizer.encode(strip_tags(t)):
-                raise ValueError(f"text {t[:40]!r} is empty after normalisation (nothing the tokenizer reads)")
         return texts
 
     def _run(self, prompts: list, *, text_mode: bool, temperature, params, speaker: Optional[np.ndarray],
@@ -515,16 +567,19 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------------------
     def stream(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
-               noise: Optional[np.ndarray] = None) -> Iterator[Frame]:
+               noise: Optional[np.ndarray] = None, *, normalize: bool = True, lang: Optional[str] = None,
+               refine: RefineLike = None) -> Iterator[Frame]:
         """Yield audio-code frames as they are sampled. `text` may be a list (a left-padded batch; each frame
         says its `row`). Breaking out of the loop stops the C++ work at once.
 
         speaker: a ChatTTS spk_emb string, or [768] / [B, 768] values; default params.spk_emb.
         noise: optional Exp(1) draw noise [max_new_token, B*4, 626]; default: a seeded generator in C++.
+        normalize, lang, refine: the text before the codes (prepare_text): ChatTTS's front-end (on by default,
+        as in ChatTTS's infer), its language ("zh", "en"; None: detected), and the refinement (off by default).
         """
         params = params or InferCodeParams()
         params.validate()
-        texts = self._texts(text)
+        texts = self.prepare_text(text, normalize, lang, refine)
         spk_src = speaker if speaker is not None else params.spk_emb
         spk = self._speakers(spk_src, len(texts))
         prompts = [self.tokenize(build_prompt_code(t, spk is not None, params.txt_smp, params.prompt)) for t in texts]
@@ -551,12 +606,12 @@ class Runtime:
                          speaker=spk, noise=noise, return_hidden=params.return_hidden)
 
     async def astream(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
-                      noise: Optional[np.ndarray] = None):
+                      noise: Optional[np.ndarray] = None, **text_options):
         """stream() as an async iterator, for servers: each wait for frames runs in a worker thread, so the event
         loop stays free. `async for frame in rt.astream("Hello."): ...`"""
         import asyncio
 
-        frames = self.stream(text, params, speaker, noise)
+        frames = self.stream(text, params, speaker, noise, **text_options)
         done = object()
         try:
             while True:
@@ -568,23 +623,29 @@ class Runtime:
             await asyncio.to_thread(frames.close)
 
     def generate(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
-                 noise: Optional[np.ndarray] = None) -> Generation:
-        """All frames at once: `codes[row]` is int64 [n_frames, 4]; `hidden[row]` [n_frames, 768] if asked."""
+                 noise: Optional[np.ndarray] = None, **text_options) -> Generation:
+        """All frames at once: `codes[row]` is int64 [n_frames, 4]; `hidden[row]` [n_frames, 768] if asked.
+        text_options: normalize, lang, refine as in stream()."""
         params = params or InferCodeParams()
-        texts = self._texts(text)
-        return self._collect(self.stream(texts, params, speaker, noise), len(texts), 4, params.return_hidden)
+        texts = self.prepare_text(text, **text_options)
+        return self._collect(self.stream(texts, params, speaker, noise, normalize=False), len(texts), 4,
+                             params.return_hidden)
 
-    def refine_text(self, text, params: Optional[RefineTextParams] = None, noise: Optional[np.ndarray] = None):
-        """ChatTTS's text-refinement mode (text head, ends at [Ebreak]). Returns the refined text (a list of
-        texts for a list input); the token ids are in `self.last_refine_ids`."""
+    def refine_text(self, text, params: Optional[RefineTextParams] = None, noise: Optional[np.ndarray] = None,
+                    *, normalize: bool = True, lang: Optional[str] = None):
+        """ChatTTS's text-refinement mode (text head, ends at [Ebreak]), as `infer(refine_text_only=True)`: the
+        front-end first (normalize, lang as in stream()), and of the generated ids those below [break_0] kept
+        (ChatTTS drops [break_N], [laugh_N], [oral_N], [speed_N]). Returns the refined text (a list of texts for a
+        list input); the generated ids, unfiltered, are in `self.last_refine_ids`."""
         params = params or RefineTextParams()
         params.validate()
-        texts = self._texts(text)
+        texts = self.prepare_text(text, normalize, lang)
         prompts = [self.tokenize(build_prompt_refine(t, params.prompt)) for t in texts]
         gen = self._collect(self._run(prompts, text_mode=True, temperature=[params.temperature], params=params,
                                       speaker=None, noise=noise, return_hidden=False), len(texts), 1, False)
         self.last_refine_ids = [c.tolist() for c in gen.codes]
-        out = [self._tokenizer.decode(ids) for ids in self.last_refine_ids]
+        below = self.special.get("break_0", 21147)
+        out = [self._tokenizer.decode([i for i in ids if i < below]) for ids in self.last_refine_ids]
         return out[0] if isinstance(text, str) else out
 
     # ------------------------------------------------------------------------------------------------------
@@ -616,7 +677,7 @@ class Runtime:
 
     def stream_audio(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
                      lookahead: Optional[int] = None, chunk_frames: int = 16, dtype: str = "float32",
-                     noise: Optional[np.ndarray] = None) -> Iterator[AudioChunk]:
+                     noise: Optional[np.ndarray] = None, **text_options) -> Iterator[AudioChunk]:
         """Yield speech as the GPT samples it: AudioChunks of 24 kHz samples (float32, or int16 with
         dtype="int16"), in order per row, each with the index of its first sample. Breaking out of the loop stops
         the GPT and the audio work.
@@ -625,7 +686,7 @@ class Runtime:
         makes the stream equal the whole-utterance decode to float rounding (first audio after 53 frames);
         fewer frames start sooner and differ slightly where each chunk ends (docs/AUDIO.md has the measured
         error and the extra work). chunk_frames: frames per audio step (more: less work per frame, later
-        chunks; 1..64). Other arguments as stream().
+        chunks; 1..64). Other arguments (text_options: normalize, lang, refine) as stream().
         """
         engine = self._require_audio()
         exact = self.exact_lookahead
@@ -636,8 +697,9 @@ class Runtime:
         import dataclasses
 
         params = dataclasses.replace(params or InferCodeParams(), return_hidden=True)
-        B = len(self._texts(text))
-        frames = self.stream(text, params, speaker, noise)
+        texts = self.prepare_text(text, **text_options)
+        B = len(texts)
+        frames = self.stream(texts, params, speaker, noise, normalize=False)
         return self._audio_chunks(engine, frames, B, L, chunk, dtype)
 
     def _audio_chunks(self, engine, frames, B: int, lookahead: int, chunk: int, dtype: str) -> Iterator[AudioChunk]:
@@ -695,12 +757,15 @@ class Runtime:
                 engine.cancel(sid)
 
     def synthesize(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
-                   lookahead: Optional[int] = None, dtype: str = "float32", noise: Optional[np.ndarray] = None):
+                   lookahead: Optional[int] = None, dtype: str = "float32", noise: Optional[np.ndarray] = None,
+                   **text_options):
         """The whole utterance: (samples, sample_rate); for a list of texts, (list of sample arrays, rate).
-        Samples are the vocoder's raw output (ChatTTS's infer() also deletes every sample with |x| <= 1e-5)."""
-        texts = self._texts(text)
+        Samples are the vocoder's raw output (ChatTTS's infer() also deletes every sample with |x| <= 1e-5).
+        text_options: normalize, lang, refine as in stream()."""
+        texts = self.prepare_text(text, **text_options)
         parts = [[] for _ in texts]
-        for ch in self.stream_audio(text, params, speaker, lookahead, chunk_frames=64, dtype=dtype, noise=noise):
+        for ch in self.stream_audio(texts, params, speaker, lookahead, chunk_frames=64, dtype=dtype, noise=noise,
+                                    normalize=False):
             parts[ch.row].append(ch.samples)
         out = [np.concatenate(p) if p else np.zeros(0, np.int16 if dtype == "int16" else np.float32) for p in parts]
         return (out[0] if isinstance(text, str) else out), self.sample_rate

@@ -185,7 +185,9 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
             text = await asyncio.to_thread(refine)
         lookahead = req.lookahead if req.lookahead is not None else default_lookahead
         try:
-            frames = rt.stream_audio(text, params=params, speaker=speaker, lookahead=lookahead)
+            # ChatTTS's front-end runs once: inside refine_text when refining, else in stream_audio
+            frames = rt.stream_audio(text, params=params, speaker=speaker, lookahead=lookahead,
+                                     normalize=not req.refine_text)
             enc = Encoder(req.response_format, rt.sample_rate)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ApiError(400, str(e), None, "invalid_value") from None

@@ -37,6 +37,13 @@ class Tokenizer:
     def encode(self, text: str) -> List[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_checked(self, text: str):
+        """(ids, the pieces of `text` read as [UNK], in order of appearance and without repeats)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        unk = self.unk_id
+        unknown = {text[a:b]: None for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk}
+        return list(enc.ids), list(unknown)
+
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 

@@ -1,2 +1,2 @@
 """The package version (also written into every manifest an export makes)."""
-__version__ = "0.3.1"
+__version__ = "0.4.0"

@@ -3,7 +3,7 @@ import json
 
 
 def test_demo_picks_the_fastest_precision_that_passes(_private_cache, capsys):
-    from chattts_ort.cli import DEMO_AGREEMENT, demo_model
+    from chattts_ort.prepare import DEMO_AGREEMENT, demo_model
 
     folder, why = demo_model("tiny", progress=False)
     assert why.startswith("precision ")

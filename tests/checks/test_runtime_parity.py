@@ -32,7 +32,7 @@ def _reference(tiny_model, rt, texts, params, speaker, noise, mode="code", greed
     return generate_reference(gpt, cfg, prompts, mode=mode, params=params, speaker=speaker, noise=fn, greedy=greedy)
 
 
-@pytest.mark.parametrize("seed,min_new", [(0, 200), (1, 0), (4, 0)])  # seeds 1 and 4 end a row by EOS
+@pytest.mark.parametrize("seed,min_new", [(0, 200), (21, 0), (25, 0)])  # seeds 21 and 25 end a row by EOS
 def test_token_identity_with_reference(rt, tiny_model, seed, min_new):
     steps = 200
     speaker = np.random.default_rng(seed).standard_normal((2, 64)).astype(np.float16).astype(np.float32)

@@ -26,10 +26,30 @@ def random_asset_folder(kind: str = "full", seed: int = 0) -> Path:
     folder = cache_dir() / "assets" / f"random-{kind}-seed{seed}"
     if not (folder / "gpt" / "model.safetensors").is_file():
         write_random_asset_folder(folder, cfg=cfg, seed=seed)
+    _refresh_generated_tokenizer(folder / "tokenizer" / "tokenizer.json")
     if not ((folder / DECODER_FILE).is_file() and (folder / VOCOS_FILE).is_file()):  # folders of v0.2.0 lack them
         audio = AudioConfig.full() if kind == "full" else AudioConfig.tiny(cfg.hidden_size)
         write_random_audio(folder, audio, seed=seed)
     return folder
+
+
+def _refresh_generated_tokenizer(path: Path) -> None:
+    """Folders written before 0.4.0 hold a generated vocabulary of ~500 CJK characters that refuses ordinary
+    Chinese; replace it with today's (the weights stay: every id has a random row either way)."""
+    import os
+
+    from tokenizers import Tokenizer
+
+    from .assets import GENERATED_TOKENIZER_MARK, make_generated_tokenizer
+
+    if Tokenizer.from_file(str(path)).token_to_id(GENERATED_TOKENIZER_MARK) is not None:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        make_generated_tokenizer(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def source_folder(src) -> Path:
