@@ -114,6 +114,12 @@ SPIN_BELOW_BUSY = 0.25
 # lookahead: RTF 0.525 vs 0.678 and first audio 0.68 vs 0.83 s for 5 s of speech; 0.632 vs 0.752 for 20 s).
 AUDIO_THREADS = 2
 
+# How often an async stream (astream_audio) looks for its frames and samples while none come: from POLL_MIN_S,
+# doubling up to POLL_MAX_S (a 16-frame chunk is 0.34 s of audio; 20 ms of lateness is inaudible). Polling holds
+# no thread, so waiting requests cost the event loop a few microseconds each per poll and nothing else.
+POLL_MIN_S = 0.002
+POLL_MAX_S = 0.02
+
 
 # Runtimes that may have a generation in flight, so the interpreter can stop them before it exits.
 _LIVE: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
@@ -443,6 +449,15 @@ class Runtime:
 
     def _run(self, prompts: list, *, text_mode: bool, temperature, params, speaker: Optional[np.ndarray],
              noise, return_hidden: bool) -> Iterator[Frame]:
+        g, noise, by_rows = self._plan(prompts, text_mode=text_mode, temperature=temperature, params=params,
+                                       speaker=speaker, noise=noise, return_hidden=return_hidden)
+        if by_rows:
+            return self._stream_rows(prompts, g, noise, params)
+        return self._frames(g, text_mode)
+
+    def _plan(self, prompts: list, *, text_mode: bool, temperature, params, speaker: Optional[np.ndarray],
+              noise, return_hidden: bool):
+        """(the core's GenerationSpec, the checked noise, whether the rows go to the scheduler) of a request."""
         self._require_open()
         B = len(prompts)
         T = max(len(p) for p in prompts)
@@ -480,9 +495,7 @@ class Runtime:
         g.greedy = bool(params.greedy)
         g.return_hidden = bool(return_hidden)
         g.seed = int(params.manual_seed) if params.manual_seed is not None else int.from_bytes(os.urandom(8), "little")
-        if by_rows:
-            return self._stream_rows(prompts, g, noise, params)
-        return self._frames(g, text_mode)
+        return g, noise, by_rows
 
     def _submit_rows(self, prompts: list, g, noise, params) -> list:
         """One scheduler stream per prompt row, with the row's share of the noise; returns their ids."""
@@ -580,12 +593,18 @@ class Runtime:
         params = params or InferCodeParams()
         params.validate()
         texts = self.prepare_text(text, normalize, lang, refine)
+        prompts, temps, spk = self._code_prompts(texts, params, speaker)
+        return self._run(prompts, text_mode=False, temperature=temps, params=params, speaker=spk, noise=noise,
+                         return_hidden=params.return_hidden)
+
+    def _code_prompts(self, texts: list, params: InferCodeParams, speaker: SpeakerLike):
+        """(token ids of each text's code prompt, the per-codebook temperatures, the speaker rows or None)."""
         spk_src = speaker if speaker is not None else params.spk_emb
         spk = self._speakers(spk_src, len(texts))
         prompts = [self.tokenize(build_prompt_code(t, spk is not None, params.txt_smp, params.prompt)) for t in texts]
-        temps = params.temperature if isinstance(params.temperature, (list, tuple)) else [params.temperature] * self.config["num_vq"]
-        return self._run(prompts, text_mode=False, temperature=temps, params=params, speaker=spk, noise=noise,
-                         return_hidden=params.return_hidden)
+        temps = (params.temperature if isinstance(params.temperature, (list, tuple))
+                 else [params.temperature] * self.config["num_vq"])
+        return prompts, temps, spk
 
     def stream_tokens(self, prompts, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
                       noise: Optional[np.ndarray] = None) -> Iterator[Frame]:
@@ -689,11 +708,7 @@ class Runtime:
         chunks; 1..64). Other arguments (text_options: normalize, lang, refine) as stream().
         """
         engine = self._require_audio()
-        exact = self.exact_lookahead
-        L = exact if lookahead is None else check_int("lookahead", lookahead, 0, exact)
-        chunk = check_int("chunk_frames", chunk_frames, 1, 64)
-        if dtype not in ("float32", "int16"):
-            raise ValueError(f"dtype must be 'float32' or 'int16', got {dtype!r}")
+        L, chunk = self._audio_options(lookahead, chunk_frames, dtype)
         import dataclasses
 
         params = dataclasses.replace(params or InferCodeParams(), return_hidden=True)
@@ -702,18 +717,99 @@ class Runtime:
         frames = self.stream(texts, params, speaker, noise, normalize=False)
         return self._audio_chunks(engine, frames, B, L, chunk, dtype)
 
+    def _audio_options(self, lookahead, chunk_frames, dtype):
+        exact = self.exact_lookahead
+        L = exact if lookahead is None else check_int("lookahead", lookahead, 0, exact)
+        chunk = check_int("chunk_frames", chunk_frames, 1, 64)
+        if dtype not in ("float32", "int16"):
+            raise ValueError(f"dtype must be 'float32' or 'int16', got {dtype!r}")
+        return L, chunk
+
+    def _engine_call(self, fn, *a):
+        try:
+            return fn(*a)
+        except RuntimeError as e:  # the engine closed under us (Runtime.close) or refused
+            if self._closed:
+                raise GenerationError("this Runtime was closed while speaking") from None
+            raise GenerationError(f"audio: {e}") from e
+
+    def _audio_chunk(self, samples, first, row: int, dtype: str) -> AudioChunk:
+        if dtype == "int16":
+            samples = np.clip(np.rint(samples * 32767.0), -32768, 32767).astype(np.int16)
+        return AudioChunk(samples, int(first), row, self.sample_rate)
+
+    async def astream_audio(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
+                            lookahead: Optional[int] = None, chunk_frames: int = 16, dtype: str = "float32",
+                            noise: Optional[np.ndarray] = None, **text_options):
+        """stream_audio() as an async iterator, for servers. With max_streams > 1 nothing holds a thread while it
+        waits: the request is queued for a row at once (its queue_timeout counts from this call), and the
+        scheduler's frames and the audio engine's samples are polled from the event loop between short sleeps
+        (POLL_MIN_S, doubling to POLL_MAX_S while nothing comes), so a thousand waiting requests cost no
+        threads and delay no live stream. The text front-end (and a refinement) run in a worker thread.
+        Cancelling the iteration (a client that left) frees the request's row or its place in the queue."""
+        import asyncio
+        import dataclasses
+
+        if self._scheduler is None:  # one generation at a time, stepped in the consumer's thread
+            chunks = await asyncio.to_thread(self.stream_audio, text, params, speaker, lookahead, chunk_frames,
+                                             dtype, noise, **text_options)
+            done = object()
+            try:
+                while (ch := await asyncio.to_thread(next, chunks, done)) is not done:
+                    yield ch
+            finally:
+                await asyncio.to_thread(chunks.close)
+            return
+        engine = self._require_audio()
+        L, chunk = self._audio_options(lookahead, chunk_frames, dtype)
+        params = dataclasses.replace(params or InferCodeParams(), return_hidden=True)
+        params.validate()
+        texts = await asyncio.to_thread(self.prepare_text, text, **text_options)
+        prompts, temps, spk = self._code_prompts(texts, params, speaker)
+        g, noise, _ = self._plan(prompts, text_mode=False, temperature=temps, params=params, speaker=spk,
+                                 noise=noise, return_hidden=True)
+        scheduler, call = self._scheduler, self._engine_call
+        rows = self._submit_rows(prompts, g, noise, params)
+        voices = []
+        try:
+            for _ in rows:
+                voices.append(call(engine.open, L, chunk))
+            gpt, audio = dict(enumerate(rows)), dict(enumerate(voices))
+            wait = POLL_MIN_S
+            while audio:
+                came = False
+                for row, sid in list(gpt.items()):
+                    p = scheduler.pull(sid, 0)
+                    if p.count:
+                        came = True
+                        call(engine.push, voices[row], p.hidden)
+                    if p.done:
+                        del gpt[row]
+                        if p.error:
+                            raise GenerationError(p.error)
+                        self.last_stop_reason = p.stop_reason
+                        call(engine.finish, voices[row])
+                for row, aid in list(audio.items()):
+                    samples, first, finished, error = call(engine.pull, aid, 0)
+                    if error:
+                        raise GenerationError(f"audio: {error}")
+                    if samples.size:
+                        came = True
+                        yield self._audio_chunk(samples, first, row, dtype)
+                    if finished:
+                        del audio[row]
+                wait = POLL_MIN_S if came else min(2 * wait, POLL_MAX_S)
+                await asyncio.sleep(0 if came else wait)
+        finally:
+            for sid in rows:
+                scheduler.cancel(sid)  # a no-op for streams that ended
+            for aid in voices:
+                engine.cancel(aid)
+
     def _audio_chunks(self, engine, frames, B: int, lookahead: int, chunk: int, dtype: str) -> Iterator[AudioChunk]:
-        sr = self.sample_rate
         ids = []
         live = {}
-
-        def call(fn, *a):
-            try:
-                return fn(*a)
-            except RuntimeError as e:  # the engine closed under us (Runtime.close) or refused
-                if self._closed:
-                    raise GenerationError("this Runtime was closed while speaking") from None
-                raise GenerationError(f"audio: {e}") from e
+        call = self._engine_call
 
         def drain(wait_ms: int):
             for row, sid in list(live.items()):
@@ -721,9 +817,7 @@ class Runtime:
                 if error:
                     raise GenerationError(f"audio: {error}")
                 if samples.size:
-                    if dtype == "int16":
-                        samples = np.clip(np.rint(samples * 32767.0), -32768, 32767).astype(np.int16)
-                    yield AudioChunk(samples, int(first), row, sr)
+                    yield self._audio_chunk(samples, first, row, dtype)
                 if done:
                     del live[row]
 
