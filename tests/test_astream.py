@@ -100,3 +100,14 @@ def test_queue_timeout_counts_from_the_call_and_cancel_frees_the_place(tiny_expo
     assert 0.25 <= waited < 1.5, waited
     assert rt._scheduler.stats()["active"] == 0
     rt.close()
+
+
+def test_astream_codes_equal_stream(rt):
+    async def frames():
+        return [f async for f in rt.astream(["你好。", "hello there"], params=P(9, 30))]
+
+    want = rt.generate(["你好。", "hello there"], params=P(9, 30))
+    got = asyncio.run(frames())
+    for row in range(2):
+        codes = np.array([f.codes for f in got if f.row == row])
+        assert np.array_equal(codes, want.codes[row])

@@ -174,7 +174,8 @@ class Runtime:
              max_context: Optional[int] = None, max_batch: int = 1, verify: bool = True,
              session_config: Optional[dict] = None, max_streams: int = 1, queue_frames: int = 256,
              batch_invariant: bool = False, spin: Optional[bool] = None, audio: Optional[bool] = None,
-             audio_threads: Optional[int] = None, strict: bool = False) -> "Runtime":
+             audio_threads: Optional[int] = None, strict: bool = False,
+             share_weights: bool = True) -> "Runtime":
         """Load an export folder written by `chattts-ort export`.
 
         device: "cpu" or "cuda[:N]" (needs onnxruntime-gpu). threads: intra-op threads (default: the usable
@@ -202,8 +203,27 @@ class Runtime:
         beside the GPT's pool (default: AUDIO_THREADS, at most the usable cores).
         strict: refuse text with characters the tokenizer cannot read (ValueError) instead of logging a warning
         that names them and going on without them, as ChatTTS does.
+        share_weights: False loads from a private copy of the export (in $TMPDIR, deleted once loaded), so
+        that no other process can truncate or rewrite the weight files this one maps (a mapped file truncated
+        under a live process kills it with SIGBUS; README "Reliability"). Costs the copy's time and its pages,
+        which other processes no longer share.
         """
         folder = Path(export_dir)
+        if not share_weights:
+            import shutil
+
+            from .format import private_copy
+
+            private = private_copy(folder)
+            try:
+                rt = cls.load(private, device=device, threads=threads, max_context=max_context, max_batch=max_batch,
+                              verify=verify, session_config=session_config, max_streams=max_streams,
+                              queue_frames=queue_frames, batch_invariant=batch_invariant, spin=spin, audio=audio,
+                              audio_threads=audio_threads, strict=strict)
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
+            rt.folder = folder
+            return rt
         manifest = open_export(folder, hashes=verify)
         cfg = manifest["config"]
         if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
@@ -531,24 +551,27 @@ class Runtime:
         try:
             live = dict(enumerate(ids))
             while live:
-                got_any = False
-                for row, sid in list(live.items()):
-                    # Block (up to 50 ms, GIL released) only on the first stream when nothing came this round.
-                    p = scheduler.pull(sid, 0 if got_any or row != min(live) else 50)
-                    if p.count:
-                        got_any = True
-                        codes, hidden, steps = p.codes, p.hidden, p.steps
-                        for j in range(p.count):
-                            yield Frame(step=int(steps[j]), codes=codes[j], row=row,
-                                        hidden=None if hidden is None else hidden[j])
-                    if p.done:
-                        del live[row]
-                        if p.error:
-                            raise GenerationError(p.error)
-                        self.last_stop_reason = p.stop_reason
+                yield from self._pull_rows(live, wait_ms=50)
         finally:
             for sid in ids:
                 scheduler.cancel(sid)  # a no-op for streams that ended; frees the row of one that did not
+
+    def _pull_rows(self, live: dict, wait_ms: int) -> list:
+        """The frames the scheduler has for the streams of `live` (row -> stream id; ended ones are removed).
+        Blocks (up to wait_ms, GIL released) only on the first stream, and only when nothing came before it."""
+        out = []
+        for row, sid in list(live.items()):
+            p = self._scheduler.pull(sid, 0 if out or row != min(live) else wait_ms)
+            if p.count:
+                codes, hidden, steps = p.codes, p.hidden, p.steps
+                out += [Frame(step=int(steps[j]), codes=codes[j], row=row,
+                              hidden=None if hidden is None else hidden[j]) for j in range(p.count)]
+            if p.done:
+                del live[row]
+                if p.error:
+                    raise GenerationError(p.error)
+                self.last_stop_reason = p.stop_reason
+        return out
 
     def _frames(self, g, text_mode: bool) -> Iterator[Frame]:
         if not self._busy.acquire(blocking=False):
@@ -626,20 +649,38 @@ class Runtime:
 
     async def astream(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
                       noise: Optional[np.ndarray] = None, **text_options):
-        """stream() as an async iterator, for servers: each wait for frames runs in a worker thread, so the event
-        loop stays free. `async for frame in rt.astream("Hello."): ...`"""
+        """stream() as an async iterator, for servers. `async for frame in rt.astream("Hello."): ...` With
+        max_streams > 1 no thread is held while it waits (see astream_audio); with one stream, each step runs in a
+        worker thread, so the event loop stays free."""
         import asyncio
 
-        frames = self.stream(text, params, speaker, noise, **text_options)
-        done = object()
+        if self._scheduler is None:
+            frames = await asyncio.to_thread(self.stream, text, params, speaker, noise, **text_options)
+            done = object()
+            try:
+                while (frame := await asyncio.to_thread(next, frames, done)) is not done:
+                    yield frame
+            finally:
+                await asyncio.to_thread(frames.close)
+            return
+        params = params or InferCodeParams()
+        params.validate()
+        texts = await asyncio.to_thread(self.prepare_text, text, **text_options)
+        prompts, temps, spk = self._code_prompts(texts, params, speaker)
+        g, noise, _ = self._plan(prompts, text_mode=False, temperature=temps, params=params, speaker=spk,
+                                 noise=noise, return_hidden=params.return_hidden)
+        rows = self._submit_rows(prompts, g, noise, params)
         try:
-            while True:
-                frame = await asyncio.to_thread(next, frames, done)
-                if frame is done:
-                    break
-                yield frame
+            live, wait = dict(enumerate(rows)), POLL_MIN_S
+            while live:
+                frames = self._pull_rows(live, wait_ms=0)
+                for f in frames:
+                    yield f
+                wait = POLL_MIN_S if frames else min(2 * wait, POLL_MAX_S)
+                await asyncio.sleep(0 if frames else wait)
         finally:
-            await asyncio.to_thread(frames.close)
+            for sid in rows:
+                self._scheduler.cancel(sid)
 
     def generate(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
                  noise: Optional[np.ndarray] = None, **text_options) -> Generation:
@@ -778,17 +819,12 @@ class Runtime:
             wait = POLL_MIN_S
             while audio:
                 came = False
-                for row, sid in list(gpt.items()):
-                    p = scheduler.pull(sid, 0)
-                    if p.count:
-                        came = True
-                        call(engine.push, voices[row], p.hidden)
-                    if p.done:
-                        del gpt[row]
-                        if p.error:
-                            raise GenerationError(p.error)
-                        self.last_stop_reason = p.stop_reason
-                        call(engine.finish, voices[row])
+                before = set(gpt)
+                for f in self._pull_rows(gpt, wait_ms=0):
+                    came = True
+                    call(engine.push, voices[f.row], f.hidden[None])
+                for row in before - set(gpt):
+                    call(engine.finish, voices[row])
                 for row, aid in list(audio.items()):
                     samples, first, finished, error = call(engine.pull, aid, 0)
                     if error:
