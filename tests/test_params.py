@@ -28,3 +28,14 @@ def test_prompt_templates():
     assert build_prompt_code("hi", True, "smp", "") == "[Stts][spk_emb]smphi[Ptts]"
     assert build_prompt_refine("hi", "[oral_2]") == "[Sbreak]hi[Pbreak][oral_2]"
 
+
+
+def test_documented_minimum_temperature_passes():
+    """The ranges hold on the value as float32: float32(1e-4) is just below 1e-4, and 1e-4 is the documented
+    minimum (it was refused: "got 0.0001")."""
+    from chattts_ort import InferCodeParams
+
+    InferCodeParams(temperature=1e-4).validate()
+    InferCodeParams(temperature=[1e-4] * 4).validate(num_vq=4)
+    with pytest.raises(ValueError, match="temperature"):
+        InferCodeParams(temperature=5e-5).validate()

@@ -74,7 +74,8 @@ def _check_real(name: str, v) -> None:
             f = float(np.float32(v))
     except OverflowError:  # an int beyond any float
         f = math.inf
-    if not (math.isfinite(f) and lo <= f <= hi):
+    # the bounds as the engine holds them too (float32(1e-4) < 1e-4: the documented minimum must pass)
+    if not (math.isfinite(f) and float(np.float32(lo)) <= f <= float(np.float32(hi))):
         raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}] (as float32), got {v!r}")
 
 
