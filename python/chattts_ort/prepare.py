@@ -8,7 +8,8 @@
 - `random` / `random-tiny`: the seeded random default (tiny: the tests' shape);
 - an export folder (manifest.json): used as it is.
 Every source but the last is exported once per (its files' hashes, layer form, package version) into the cache and
-then run at the fastest precision whose quantization report passes (int4, else int8, else fp32). A file lock per
+then run at the fastest precision whose quantization report passes (int4, else int8, else fp32; a report whose
+failure is known for the source, KNOWN_REPORTS, is not made again). A file lock per
 cache entry makes a second process that starts meanwhile wait for the first instead of exporting again.
 
 This module composes export/, checks/ and the Hub; like cli.py it sits above the rest of the package.
@@ -88,25 +89,55 @@ def export_cached(src, name: str, progress: bool = True, layer_form: str = "fuse
     return folder
 
 
-def fastest_passing(fp32: Path, progress: bool = True):
+# Quantization reports whose outcome is known before they are made, per source the demo exports and precision:
+# the agreement measured. The random default model is a pure function of (seed 0, ChatTTS's shape, this package),
+# and its int4 report fails by a wide margin: 89.5-89.8% greedy agreement with fp32 on the machines measured, against
+# the 95% it needs (int8: 98%). Quantizing to int4 and checking it (about 20 s, a quarter of the first `make demo`)
+# would only produce that known failure, so the random default starts at int8 (tests/test_build.py re-measures the
+# int4 report, slow, so that this entry cannot go stale unnoticed). A real model (the Hub's, an asset folder) has no
+# entry: its outcome is unknown until measured, and the rule stays "the fastest precision that passes". A report
+# that was measured and cached for the same export still wins over this table.
+KNOWN_REPORTS = {"random": {"int4": 0.895}}
+
+
+def _saved_report(path: Path, fp32: Path) -> Optional[dict]:
+    """The quantization report cached in `path` if it was made against `fp32` over the 200 steps, else None."""
+    report = path / "verify.json"
+    try:
+        saved = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("against") != str(fp32) or saved.get("chain", {}).get("steps") != 200:
+        return None
+    return saved
+
+
+def fastest_passing(fp32: Path, progress: bool = True, known: Optional[dict] = None):
     """(export folder, why) for an fp32 export: int4 if its quantization report passes, else int8, else fp32.
-    Quantizes and writes each report once (cached beside the fp32 export)."""
+    Quantizes and writes each report once (cached beside the fp32 export). `known` maps a precision to the
+    agreement its report is known to reach for this source (KNOWN_REPORTS): a precision known to fail is not
+    quantized nor checked again, unless a report of it is already cached (then that report decides)."""
     from .checks.verify import verify_export
     from .export.quantize import quantize_export
 
+    known = known or {}
     failed = []
     for prec in ("int4", "int8"):
         path = fp32.parent / f"{fp32.name}-{prec}"
-        with cache_lock(path.name, progress):
-            if not (path / MANIFEST).is_file():
-                _say(progress, f"first use: quantizing {fp32.name} to {prec} ...")
-                quantize_export(fp32, path, plan=prec, force=True, progress=False)
-            report = path / "verify.json"
-            saved = json.loads(report.read_text()) if report.is_file() else {}
-            if saved.get("against") != str(fp32) or saved.get("chain", {}).get("steps") != 200:
-                _say(progress, f"first use: checking {prec} against fp32 (the quantization report) ...")
-                verify_export(path, against=fp32, steps=200)
-                saved = json.loads(report.read_text())
+        saved = _saved_report(path, fp32) if (path / MANIFEST).is_file() else None
+        if saved is None and prec in known and known[prec] < DEMO_AGREEMENT:
+            failed.append(f"{prec} {100 * known[prec]:.1f}% does not (known for this model, not re-measured)")
+            continue
+        if saved is None:
+            with cache_lock(path.name, progress):
+                if not (path / MANIFEST).is_file():
+                    _say(progress, f"first use: quantizing {fp32.name} to {prec} ...")
+                    quantize_export(fp32, path, plan=prec, force=True, progress=False)
+                saved = _saved_report(path, fp32)
+                if saved is None:
+                    _say(progress, f"first use: checking {prec} against fp32 (the quantization report) ...")
+                    verify_export(path, against=fp32, steps=200)
+                    saved = json.loads((path / "verify.json").read_text())
         agreement = saved["chain"]["agreement"]
         if agreement >= DEMO_AGREEMENT:
             why = (f"precision {prec}: the fastest that passes the quantization report (greedy agreement with fp32 "
@@ -122,7 +153,7 @@ def demo_model(kind: str = "full", progress: bool = True):
     src = "random" if kind == "full" else "random-tiny"
     fp32 = default_export_dir(kind)
     fp32 = export_cached(src, fp32.name, progress)
-    return fastest_passing(fp32, progress)
+    return fastest_passing(fp32, progress, known=KNOWN_REPORTS.get(src))
 
 
 def _hub_export_name(model: "hub.HubModel", layer_form: str) -> str:
