@@ -75,6 +75,10 @@ def test_replacing_an_export_swaps_it(tmp_path):
     with pytest.raises(ExportError, match="already exists"):
         with atomic_folder(out):
             pass
+    with pytest.raises(ExportError, match="does not name: old.onnx"):  # not a file this manifest names
+        with atomic_folder(out, force=True):
+            pass
+    (out / "old.onnx").rename(out / "verify.json")  # a report chattts-ort writes: replaced with the export
     with atomic_folder(out, force=True) as tmp:
         (tmp / "new.onnx").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.onnx"]

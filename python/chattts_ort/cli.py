@@ -58,7 +58,7 @@ def _cmd_quantize(args) -> int:
 def _cmd_share_weights(args) -> int:
     from .export.quantize import share_weights_export
 
-    out = share_weights_export(args.inp, args.out, force=args.force, progress=True)
+    out = share_weights_export(args.inp, args.out, force=args.force, progress=not args.quiet and sys.stderr.isatty())
     print(f"wrote {out}: weights in one .data file per block, pre-packed for this machine (check with "
           f"chattts-ort memory {out} --processes 4)")
     return 0
@@ -143,40 +143,60 @@ def _voice(spec: str, dim: int):
     return spec
 
 
-def _cmd_say(args) -> int:
-    """Text to a WAV file (written to a sibling and renamed when complete), streamed: each chunk is written as it
-    comes, and --play sends it to the sound card as well."""
+def _check_say_out(out: Path) -> None:
+    """Refuse an --out that cannot be written, before the model loads and the synthesis starts."""
     import os
-    import tempfile
 
-    import soundfile as sf
-
-    from . import InferCodeParams, RefineTextParams, Runtime
-
-    out = Path(args.out)
     if out.suffix.lower() not in (".wav", ".flac", ".ogg"):
         raise ValueError(f"--out {out}: give a .wav (or .flac, .ogg) file name")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    player = _player(24000) if args.play else None
-    from .prepare import resolve_model
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file name")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} exists and is not a regular file")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: folder {out.parent} is not writable")
 
-    prep = resolve_model(args.model)
-    print(prep.why)
-    folder = prep.folder
-    rt = Runtime.load(folder, device=args.device, threads=args.threads, strict=args.strict)
-    if not rt.has_audio:
-        raise RuntimeError(f"{folder}: {rt.no_audio_reason}")
-    min_frames = args.min_frames if args.min_frames is not None else (min(150, args.frames) if prep.random else 0)
-    params = InferCodeParams(max_new_token=args.frames, min_new_token=min_frames, manual_seed=args.seed,
-                             spk_emb=_voice(args.voice, rt.config["hidden_size"]))
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
+
+def _cmd_say(args) -> int:
+    """Text to a WAV file (written to a sibling .NAME.tmp-PID-*.wav and renamed when complete), streamed: each
+    chunk is written as it comes, and --play sends it to the sound card as well."""
+    import os
+
+    import soundfile as sf
+
+    from . import InferCodeParams, RefineTextParams, Runtime
+    from .format import is_no_space, no_space_error, temp_sibling
+
+    out = Path(args.out)
+    _check_say_out(out)
+    # The sibling is made now (removing what killed writers left beside OUT): a place that cannot be written
+    # fails here, before the model loads.
     try:
+        tmp = temp_sibling(out, suffix=out.suffix)
+    except OSError as e:
+        if is_no_space(e):
+            raise no_space_error(out) from e
+        raise ValueError(f"--out {out}: cannot write a file in {out.parent} ({e.strerror or e})") from None
+    rt = player = None
+    try:
+        player = _player(24000) if args.play else None
+        from .prepare import resolve_model
+
+        prep = resolve_model(args.model)
+        print(prep.why)
+        folder = prep.folder
+        rt = Runtime.load(folder, device=args.device, threads=args.threads, strict=args.strict)
+        if not rt.has_audio:
+            raise RuntimeError(f"{folder}: {rt.no_audio_reason}")
+        min_frames = args.min_frames if args.min_frames is not None else (min(150, args.frames) if prep.random else 0)
+        params = InferCodeParams(max_new_token=args.frames, min_new_token=min_frames, manual_seed=args.seed,
+                                 spk_emb=_voice(args.voice, rt.config["hidden_size"]))
         t0 = time.perf_counter()
         first = None
         n = 0
-        with sf.SoundFile(tmp, "w", samplerate=rt.sample_rate, channels=1,
+        with sf.SoundFile(str(tmp), "w", samplerate=rt.sample_rate, channels=1,
                           subtype="PCM_16" if out.suffix.lower() != ".ogg" else "VORBIS") as f:
             refine = RefineTextParams(manual_seed=args.seed) if args.refine else None
             for chunk in rt.stream_audio(args.text, params=params, lookahead=args.lookahead, refine=refine):
@@ -188,8 +208,10 @@ def _cmd_say(args) -> int:
                 n += len(chunk.samples)
         total = time.perf_counter() - t0
         os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_no_space(e):
+            raise no_space_error(out) from e
         raise
     finally:
         if player is not None:
@@ -219,10 +241,21 @@ def _player(rate: int):
 
 
 def _cmd_serve(args) -> int:
-    from .server import serve
+    import os
+
+    from .server import API_KEY_ENV, check_settings, serve
 
     from .prepare import resolve_model
 
+    if args.api_key is None:
+        args.api_key = (os.environ.get(API_KEY_ENV) or "").strip() or None
+    limits = dict(max_input_chars=args.max_input_chars, max_body_bytes=args.max_body_bytes,
+                  body_timeout=args.body_timeout)
+    # every setting is checked before the model resolves or loads: one line, exit 2 (main)
+    check_settings(host=args.host, port=args.port, log_level=args.log_level, queue_timeout=args.queue_timeout,
+                   api_key=args.api_key, insecure_no_api_key=args.insecure_no_api_key, max_streams=args.max_streams,
+                   lookahead=args.lookahead, max_context=args.max_context, max_header_bytes=args.max_header_bytes,
+                   header_timeout=args.header_timeout, max_connections=args.max_connections, **limits)
     prep = resolve_model(args.model)
     print(prep.why)
     model = str(prep.folder)
@@ -235,12 +268,16 @@ def _cmd_serve(args) -> int:
         ray_args = RayServeArgs(model=model, max_streams=args.max_streams, threads=args.threads or 2,
                                 replicas=args.replicas, max_replicas=args.max_replicas, voices=args.voices,
                                 lookahead=args.lookahead, queue_timeout=args.queue_timeout, name=args.name,
-                                batch_invariant=not args.no_batch_invariant, max_context=args.max_context)
-        run(ray_args, host=args.host, port=args.port, address=args.ray_address)
+                                batch_invariant=not args.no_batch_invariant, max_context=args.max_context,
+                                api_key=args.api_key, **limits)
+        run(ray_args, host=args.host, port=args.port, address=args.ray_address,
+            insecure_no_api_key=args.insecure_no_api_key)
         return 0
     serve(model, host=args.host, port=args.port, max_streams=args.max_streams, threads=args.threads,
           voice_dir=args.voices, lookahead=args.lookahead, queue_timeout=args.queue_timeout, model_name=args.name,
-          log_level=args.log_level, batch_invariant=not args.no_batch_invariant, max_context=args.max_context)
+          log_level=args.log_level, batch_invariant=not args.no_batch_invariant, max_context=args.max_context,
+          api_key=args.api_key, insecure_no_api_key=args.insecure_no_api_key, max_connections=args.max_connections,
+          max_header_bytes=args.max_header_bytes, header_timeout=args.header_timeout, **limits)
     return 0
 
 
@@ -326,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inp", metavar="IN")
     s.add_argument("out", metavar="OUT")
     s.add_argument("--force", action="store_true", help="replace OUT if it is an export")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=_cmd_share_weights)
 
     s = sub.add_parser("say", help="speak a sentence into a WAV file, streamed; prints first-audio latency and RTF")
@@ -353,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible speech server (POST /v1/audio/speech), streamed")
     s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="1..65535 (default 8000)")
     s.add_argument("--max-streams", type=_positive_int, default=4,
                    help="concurrent requests batched in one decode loop; more wait in a queue")
     s.add_argument("--queue-timeout", type=float, default=30.0,
@@ -366,7 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let int4 requests' audio depend on who else runs (saves a row when one runs alone)")
     s.add_argument("--max-context", type=_positive_int, default=None,
                    help="KV positions per stream, allocated at start (default 2048: ~250 MB per stream)")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", help="uvicorn's: critical, error, warning, info, debug, trace")
+    h = s.add_argument_group("access and limits (docs/SERVING.md)")
+    h.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $CHATTTS_ORT_API_KEY; "
+                        "/health stays open); needed for a --host other than loopback")
+    h.add_argument("--insecure-no-api-key", action="store_true",
+                   help="serve a non-loopback --host without an API key (anyone who can connect may use it)")
+    h.add_argument("--max-input-chars", type=int, default=4096, help="longest input, in characters (OpenAI's 4096)")
+    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB): 413")
+    h.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request body: 408")
+    h.add_argument("--header-timeout", type=float, default=10.0, help="seconds to receive a request head: 408")
+    h.add_argument("--max-header-bytes", type=int, default=16384, help="largest request head (default 16 KiB): 431")
+    h.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most (default 1000, under the file-descriptor limit); past it the "
+                        "connection idle longest in its request head is closed")
     g = s.add_argument_group("scale-out on Ray Serve (the ray extra; one engine of --max-streams rows per replica)")
     g.add_argument("--ray", action="store_true", help="serve through Ray Serve's HTTP proxy instead of uvicorn")
     g.add_argument("--replicas", type=_positive_int, default=None, help="a fixed number of replicas (default 1)")
@@ -402,16 +454,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C so that every `finally` and
+    `except BaseException` on the way out removes the temporary files it made."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Commands that write files: a SIGTERM or SIGHUP ends them through their cleanup (exit 128 + the signal).
+CLEANUP_ON_SIGNAL = ("say", "export", "quantize", "share-weights", "verify")
+
+
+def _signals_raise():
+    """Install SIGTERM/SIGHUP handlers that raise Terminated once (a second signal during the cleanup is
+    ignored, so the cleanup finishes); returns a function that restores the previous handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    fired = []
+
+    def handler(signum, _frame):
+        if fired:
+            return
+        fired.append(signum)
+        raise Terminated(signum)
+
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    old = {s: signal.signal(s, handler) for s in wanted}
+
+    def restore():
+        for s, h in old.items():
+            signal.signal(s, h)
+    return restore
+
+
+def _error_line(cmd: str, e: BaseException) -> str:
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = e.filename or "the output"
+        return f"chattts-ort {cmd}: error: no space left on device while writing {what}; nothing was replaced"
+    return f"chattts-ort {cmd}: error: {e}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    restore = _signals_raise() if args.cmd in CLEANUP_ON_SIGNAL else (lambda: None)
     try:
         return args.fn(args) or 0
+    except Terminated as e:
+        import signal
+
+        name = signal.Signals(e.signum).name
+        print(f"chattts-ort {args.cmd}: stopped by {name}; temporary files removed", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, RuntimeError) as e:
-        print(f"chattts-ort {args.cmd}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        print(_error_line(args.cmd, e), file=sys.stderr)
         return 2
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

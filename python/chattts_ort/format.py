@@ -5,6 +5,7 @@ graph, sha256, and atomic folder writes. It imports neither torch nor the C++ co
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
-from .errors import ExportError
+from .errors import ChatTTSOrtError, ExportError
 
 FORMAT = "chattts-ort/1"
 MANIFEST = "manifest.json"
@@ -278,21 +279,58 @@ def _check_file_name(name: str, what: str) -> None:
         raise ExportError(f"{what} {name!r} must be a plain file name inside the export folder")
 
 
-def read_manifest(folder) -> dict:
-    """The checked manifest of an export folder (ExportError if it is missing, unreadable or malformed)."""
-    folder = Path(folder)
-    p = folder / MANIFEST
-    if not p.is_file():
-        raise ExportError(f"{folder} is not a chattts-ort export: {MANIFEST} is missing")
+# Bounds of a manifest.json, checked before (size) and while (depth) it is parsed. A real manifest is a few
+# tens of KB (~1 KB per graph) and 6 levels deep; these leave wide room and keep a hostile file from costing
+# memory, time or a RecursionError.
+MAX_MANIFEST_BYTES = 8 << 20
+MAX_MANIFEST_DEPTH = 32
+
+
+def _json_depth(v) -> int:
+    """Nesting depth of a parsed JSON value (iterative: never recurses)."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_MANIFEST_DEPTH:
+                stack.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def load_manifest_json(p: Path):
+    """The parsed JSON of a manifest file, bounded: refused unread past MAX_MANIFEST_BYTES, refused past
+    MAX_MANIFEST_DEPTH levels of nesting (ExportError, never RecursionError or MemoryError)."""
+    p = Path(p)
     try:
-        m = json.loads(p.read_text(encoding="utf-8"))
+        with open(p, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)  # at most the limit, even if the file grows meanwhile
+    except OSError as e:
+        raise ExportError(f"{p} cannot be read: {e}") from e
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ExportError(f"{p} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; a manifest is a few KB: refused "
+                          "unparsed")
+    try:
+        m = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ExportError(f"{p} is not UTF-8 text: {e}") from e
     except json.JSONDecodeError as e:
         raise ExportError(f"{p} is not valid JSON: {e}") from e
-    except OSError as e:
-        raise ExportError(f"{p} cannot be read: {e}") from e
-    return check_manifest(m, str(p))
+    except RecursionError:
+        raise ExportError(f"{p} nests deeper than {MAX_MANIFEST_DEPTH} levels; refused") from None
+    if _json_depth(m) > MAX_MANIFEST_DEPTH:
+        raise ExportError(f"{p} nests deeper than {MAX_MANIFEST_DEPTH} levels; refused")
+    return m
+
+
+def read_manifest(folder) -> dict:
+    """The checked manifest of an export folder (ExportError if it is missing, unreadable, malformed, larger
+    than MAX_MANIFEST_BYTES or nested deeper than MAX_MANIFEST_DEPTH)."""
+    folder = Path(folder)
+    p = folder / MANIFEST
+    if not p.is_file():
+        raise ExportError(f"{folder} is not a chattts-ort export: {MANIFEST} is missing")
+    return check_manifest(load_manifest_json(p), str(p))
 
 
 def graph_path(folder: Path, entry: dict) -> Path:
@@ -408,18 +446,51 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 def is_export(folder) -> bool:
     p = Path(folder) / MANIFEST
     try:
-        return json.loads(p.read_text()).get("format", "").startswith("chattts-ort/")
-    except (OSError, ValueError, AttributeError):
+        return load_manifest_json(p).get("format", "").startswith("chattts-ort/")
+    except (ExportError, OSError, ValueError, AttributeError):
         return False
+
+
+# Files chattts-ort itself writes into an export folder besides those its manifest names: the reports of
+# `verify` (and of the quantization report, `verify --against`).
+REPORT_FILES = ("verify.json", "quant_report.png")
+
+
+def export_foreign_files(folder) -> list:
+    """Names in an export folder that neither its manifest (graphs, weight data, tokenizer, the manifest
+    itself) nor REPORT_FILES account for: what `--force` must not delete. A manifest that cannot be checked
+    names nothing but itself."""
+    folder = Path(folder)
+    ours = {MANIFEST, *REPORT_FILES}
+    try:
+        m = read_manifest(folder)
+    except ExportError:
+        m = None
+    if m is not None:
+        ours.add(m.get("tokenizer", "tokenizer.json"))
+        for _, e in iter_all_graphs(m):
+            ours.add(e["file"])
+            if "data" in e:
+                ours.add(e["data"]["file"])
+    foreign = []
+    for p in sorted(folder.iterdir()):
+        lm = _LEFTOVER.match(p.name)  # a report write killed half-way (.verify.json.tmp-PID-*)
+        name = lm.group("name") if lm else p.name
+        if name in ours and (p.is_symlink() or not p.is_dir()):
+            continue
+        foreign.append(p.name + ("/" if p.is_dir() and not p.is_symlink() else ""))
+    return foreign
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Atomic folder writes.
 #
 # A folder is built in a hidden sibling ".NAME.tmp-PID-XXXX" and moved into place only when complete. With
-# force, an existing folder is replaced only if `replaceable` says it is one of ours (or it is empty): it is
-# renamed aside to ".NAME.old-PID-XXXX", the new one is moved in, then the old one is deleted. Siblings of
-# both kinds left by a process that no longer runs (kill -9) are removed by the next write to the same name.
+# force, an existing folder is replaced only if `replaceable` says it is one of ours (or it is empty) and, for an
+# export, it holds nothing its manifest does not name (export_foreign_files): it is renamed aside to
+# ".NAME.old-PID-XXXX", the new one is moved in, then the old one is deleted. Single files (reports, `say`'s
+# audio) are written to ".NAME.tmp-PID-XXXX[.ext]" and renamed. Siblings of these kinds whose writer process no
+# longer runs (kill -9) are removed by the next write beside them; another live process's never are.
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]*$")
 
@@ -427,17 +498,20 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]*$")
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
 
 def remove_leftovers(out: Path) -> list:
-    """Delete the temporary siblings of `out` whose writer process is gone; returns what was removed."""
+    """Delete the temporary siblings of `out` (folders or files) whose writer process is gone; returns what was
+    removed."""
     out = Path(out)
     removed = []
     if not out.parent.is_dir():
@@ -446,13 +520,67 @@ def remove_leftovers(out: Path) -> list:
         m = _LEFTOVER.match(p.name)
         if not m or m.group("name") != out.name or _pid_alive(int(m.group("pid"))):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
         removed.append(p)
     return removed
 
 
 def glob_escape(s: str) -> str:
     return re.sub(r"([\[\]*?])", r"[\1]", s)
+
+
+def temp_sibling(path: Path, suffix: str = "") -> Path:
+    """An empty file ".NAME.tmp-PID-XXXX<suffix>" beside `path` (after removing dead writers' leftovers)."""
+    path = Path(path)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_LOW_SPACE = 1 << 20
+
+
+def is_no_space(exc: BaseException, where=None) -> bool:
+    """Whether a failed write ran out of space: an OSError ENOSPC/EDQUOT anywhere in the exception's chain, a
+    message that says so (C++ writers: torch, ONNX Runtime), or, for other errors from a writer, a file system
+    at `where` with less than 1 MiB left."""
+    e, seen = exc, 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        if "no space left on device" in str(e).lower():
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    if where is not None and isinstance(exc, Exception):
+        try:
+            st = os.statvfs(where)
+            return st.f_bavail * st.f_frsize < _LOW_SPACE
+        except OSError:
+            return False
+    return False
+
+
+def _written(exc: BaseException, tmp: Path, out: Path) -> Path:
+    """The file a failed write was writing, named as it would have been in `out`."""
+    name = getattr(exc, "filename", None)
+    if name:
+        try:
+            return out / Path(name).resolve().relative_to(Path(tmp).resolve())
+        except (ValueError, OSError):
+            pass
+    return out
+
+
+def no_space_error(what) -> ExportError:
+    return ExportError(f"no space left on device while writing {what}; nothing was replaced")
 
 
 def check_output_folder(out, force: bool, replaceable: Callable[[Path], bool] = is_export,
@@ -475,51 +603,104 @@ def check_output_folder(out, force: bool, replaceable: Callable[[Path], bool] = 
             raise ExportError(f"{out} exists and is not a folder")
         if not force:
             raise ExportError(f"{out} already exists (use --force to replace it)")
-        if any(out.iterdir()) and not replaceable(out):
-            raise ExportError(f"{out} exists and is not {what}; --force replaces only {what} or an empty "
-                              "folder (remove it yourself if you mean it)")
+        if any(out.iterdir()):
+            if not replaceable(out):
+                raise ExportError(f"{out} exists and is not {what}; --force replaces only {what} or an empty "
+                                  "folder (remove it yourself if you mean it)")
+            if replaceable is is_export:
+                foreign = export_foreign_files(out)
+                if foreign:
+                    more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+                    raise ExportError(f"{out} holds files its manifest does not name: {', '.join(foreign[:5])}{more}; "
+                                      "--force replaces only what the exporter wrote (move them out, or remove the "
+                                      "folder yourself)")
     return out
 
 
 @contextmanager
 def atomic_folder(out, force: bool = False, replaceable: Callable[[Path], bool] = is_export,
                   what: str = "a chattts-ort export"):
-    """Yields a temporary folder to fill; on success it becomes `out` (see the note above this function)."""
+    """Yields a temporary folder to fill; on success it becomes `out` (see the note above this function). A
+    write that runs out of space raises ExportError ("no space left on device while writing X; nothing was
+    replaced"), with the temporary folder removed and an earlier `out` untouched."""
     out = check_output_folder(out, force, replaceable, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     tag = f"{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
+    except OSError as e:
+        if is_no_space(e):
+            raise no_space_error(out) from e
+        raise
+    old: Optional[Path] = None
     try:
         yield tmp
-        old: Optional[Path] = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{tag}", dir=out.parent))
-            os.replace(out, old / "x")  # rename: same file system, never a copy
         try:
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{tag}", dir=out.parent))
+                os.replace(out, old / "x")  # rename: same file system, never a copy
             os.replace(tmp, out)
         except BaseException:
-            if old is not None:
+            if old is not None and (old / "x").exists() and not out.exists():
                 os.replace(old / "x", out)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        # Out of space: said in one line. The statvfs test is only for errors of writers we do not know (torch,
+        # ONNX Runtime); our own errors say what they are.
+        full = isinstance(e, Exception) and not isinstance(e, ExportError) and is_no_space(
+            e, None if isinstance(e, ChatTTSOrtError) else tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise no_space_error(_written(e, tmp, out)) from e
         raise
+    finally:
+        if old is not None and (out.exists() or not (old / "x").exists()):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """A file written to a sibling and renamed into place (a report is never half-written)."""
+    """A file written to a sibling and renamed into place (a report is never half-written). Out of space:
+    ExportError, the earlier file untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
+        tmp = temp_sibling(path)
+        with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and is_no_space(e):
+            raise no_space_error(path) from e
         raise
+
+
+def private_copy(folder) -> Path:
+    """A copy, in a new temporary folder ($TMPDIR), of the files an export's manifest names (graphs, weight
+    data, tokenizer, manifest): what Runtime.load(share_weights=False) loads from and then deletes, so that no
+    other process can truncate or rewrite the pages it maps. The caller removes the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"export folder not found: {folder}")
+    m = read_manifest(folder)
+    names = [MANIFEST, m.get("tokenizer", "tokenizer.json")]
+    for _, e in iter_all_graphs(m):
+        names += [e["file"]] + ([e["data"]["file"]] if "data" in e else [])
+    tmp = Path(tempfile.mkdtemp(prefix=f"chattts-ort-private-{os.getpid()}-"))
+    try:
+        for n in names:
+            src = graph_path(folder, {"file": n})
+            if src.is_file():  # a missing one is named by open_export on the copy
+                shutil.copyfile(src, tmp / n)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and is_no_space(e):
+            raise ExportError(f"no space left on device while copying {folder} for share_weights=False "
+                              f"(into {tmp.parent}; set TMPDIR elsewhere)") from e
+        raise
+    return tmp
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ as rows of its batched decode loop. Ray's proxy streams the responses as the rep
 Three ways in:
 
     chattts-ort serve --model DIR --ray --replicas 2                       # a local Ray instance on this host
+    (api_key=KEY, or $CHATTTS_ORT_API_KEY in each replica's environment: the same access control as `serve`)
     serve run chattts_ort.ray_serve:app_builder model=DIR max_streams=4 min_replicas=1 max_replicas=8
     RayService (KubeRay): import_path chattts_ort.ray_serve:app_builder, the same args (README, "Scale-out")
 """
@@ -46,10 +47,16 @@ class RayServeArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="requests waiting in Ray's queue before a 503 (-1: no limit)")
     voices: Optional[str] = Field(None, description="folder of NAME.txt spk_emb voices, at the same path on every node")
     lookahead: Optional[int] = Field(None, ge=0, description="default audio lookahead in frames (None: exact)")
-    queue_timeout: float = Field(30.0, gt=0, description="seconds a request may wait for a row inside a replica")
+    queue_timeout: float = Field(30.0, ge=0, allow_inf_nan=False,
+                                 description="seconds a request may wait for a row inside a replica")
     name: str = Field("chattts", description="the model name the API serves")
     batch_invariant: bool = True
     max_context: Optional[int] = Field(None, ge=2, description="KV positions per stream")
+    api_key: Optional[str] = Field(None, repr=False, description="required as 'Authorization: Bearer' on /v1 routes "
+                                   "(None: each replica's $CHATTTS_ORT_API_KEY, if set)")
+    max_input_chars: int = Field(4096, ge=1, le=1 << 20, description="longest input in characters")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 past it)")
+    body_timeout: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds to receive a request body")
 
     @field_validator("model", "voices", mode="before")
     @classmethod
@@ -65,6 +72,10 @@ class SpeechReplica:
 
     def __init__(self, model: str, settings: Dict[str, Any]):
         replica = serve.get_replica_context().replica_id.unique_id
+        if not settings.get("api_key"):  # a RayService passes its secret as the replicas' environment
+            from .server import API_KEY_ENV
+
+            settings = {**settings, "api_key": (os.environ.get(API_KEY_ENV) or "").strip() or None}
         self.runtime, self._app = load_server(model, served_by=f"{replica}@{os.uname().nodename}:{os.getpid()}",
                                               **settings)
 
@@ -115,16 +126,28 @@ def app_builder(args: RayServeArgs):
         raise FileNotFoundError(f"model folder not found: {model}")
     settings = {"max_streams": args.max_streams, "threads": args.threads, "voice_dir": args.voices,
                 "lookahead": args.lookahead, "queue_timeout": args.queue_timeout, "model_name": args.name,
-                "batch_invariant": args.batch_invariant, "max_context": args.max_context}
+                "batch_invariant": args.batch_invariant, "max_context": args.max_context, "api_key": args.api_key,
+                "max_input_chars": args.max_input_chars, "max_body_bytes": args.max_body_bytes,
+                "body_timeout": args.body_timeout}
     return SpeechReplica.options(**options).bind(model, settings)
 
 
 def run(args: RayServeArgs, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
-        blocking: bool = True) -> None:
+        blocking: bool = True, insecure_no_api_key: bool = False) -> None:
     """Start (or join, with ADDRESS) a Ray instance, put the app behind Ray's HTTP proxy on HOST:PORT and serve
     until interrupted (blocking) or return once every replica is ready (blocking=False)."""
     import ray
 
+    from .server import check_settings
+
+    if isinstance(args, dict):
+        args = RayServeArgs(**args)
+    # the proxy's address and the replicas' settings are checked before Ray starts (ValueError, one line)
+    check_settings(host=host, port=port, queue_timeout=args.queue_timeout, max_streams=args.max_streams,
+                   lookahead=args.lookahead, max_context=args.max_context, max_input_chars=args.max_input_chars,
+                   max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                   api_key=args.api_key or (os.environ.get("CHATTTS_ORT_API_KEY") or "").strip() or None,
+                   insecure_no_api_key=insecure_no_api_key)
     app = app_builder(args)  # bad arguments fail here, before Ray starts
     if not ray.is_initialized():
         if address:

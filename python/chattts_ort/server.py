@@ -234,14 +234,15 @@ class _Guard:
                     return await self._reply(send, 413, f"the request body has {n} bytes; this server takes at most "
                                                         f"{self.max_body}", "request_too_large")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.body_timeout
-        state = {"read": 0, "more": scope.get("method") not in ("GET", "HEAD"), "replied": False}
+        state = {"read": 0, "more": scope.get("method") not in ("GET", "HEAD"), "replied": False, "deadline": None}
 
         async def guarded_receive():
             if not state["more"] or state["replied"]:
                 return await receive()
+            if state["deadline"] is None:  # the body's clock starts when the app first reads it (after any gate)
+                state["deadline"] = loop.time() + self.body_timeout
             try:
-                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                msg = await asyncio.wait_for(receive(), max(0.0, state["deadline"] - loop.time()))
             except asyncio.TimeoutError:
                 state["replied"] = True
                 await self._reply(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
@@ -395,6 +396,19 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
         return {"status": "ok", "model": model_name, "max_streams": served_streams, "rows": rt.max_streams,
                 "sample_rate": rt.sample_rate, "served_by": served_by, "auth": api_key is not None}
 
+    # The web page (web/index.html: speak, play as it streams, download a WAV), open like /health, its assets under
+    # /web/; the browser calls the /v1 routes with the API key the user types in.
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    web_dir = Path(__file__).with_name("web")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(web_dir / "index.html", media_type="text/html")
+
+    app.mount("/web", StaticFiles(directory=web_dir), name="web")
+
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "chattts-ort"}]}
@@ -453,8 +467,8 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
             raise ApiError(400, client_message(e), None, "invalid_value") from None
         if not req.refine_text:  # the prompt's length, known before the request takes a row
             try:
-                prepared = rt.prepare_text(text)[0]
-                n = len(rt.tokenize(build_prompt_code(prepared, True, params.txt_smp, params.prompt)))
+                text = rt.prepare_text(text)[0]  # ChatTTS's front-end, once: the stream takes it as it is
+                n = len(rt.tokenize(build_prompt_code(text, True, params.txt_smp, params.prompt)))
             except (TypeError, ValueError) as e:
                 raise ApiError(400, client_message(e), "input", "invalid_value") from None
             if n > max_prompt:
@@ -490,9 +504,8 @@ def create_app(rt, model_name: str = "chattts", voices: Optional[Dict[str, str]]
         params = dataclasses.replace(params, queue_timeout=left)
         try:
             enc = Encoder(req.response_format, rt.sample_rate)
-            # ChatTTS's front-end runs once: inside refine_text when refining, else in astream_audio
-            frames = rt.astream_audio(text, params=params, speaker=speaker, lookahead=lookahead,
-                                      normalize=not req.refine_text)
+            # ChatTTS's front-end ran once already: in plan(), or inside refine_text when refining
+            frames = rt.astream_audio(text, params=params, speaker=speaker, lookahead=lookahead, normalize=False)
         except (ValueError, TypeError, RuntimeError) as e:
             raise ApiError(400, client_message(e), None, "invalid_value") from None
         done = object()

@@ -138,3 +138,17 @@ def test_cli_refuses_conflicting_replica_options_before_starting_ray(export):
     r = subprocess.run([sys.executable, "-m", "chattts_ort.cli", "serve", "--model", str(export), "--replicas", "2",
                         "--max-replicas", "4"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not both" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ray_settings_are_checked_before_ray_starts(monkeypatch):
+    """The same access control and setting checks as `serve`, refused before Ray starts."""
+    monkeypatch.delenv("CHATTTS_ORT_API_KEY", raising=False)
+    for bad in (float("nan"), float("inf"), -1):
+        with pytest.raises(ValueError):
+            RayServeArgs(model="m", queue_timeout=bad)
+    with pytest.raises(ValueError, match="--api-key"):
+        run(RayServeArgs(model="m"), host="0.0.0.0", port=8000, blocking=False)
+    with pytest.raises(ValueError, match="--port"):
+        run(RayServeArgs(model="m"), host="127.0.0.1", port=70000, blocking=False)
+    args = RayServeArgs(model="m", api_key="sk-secret", max_input_chars=100)
+    assert "sk-secret" not in repr(args) and args.api_key == "sk-secret"

@@ -123,7 +123,7 @@ def test_sse_events(server):
     ({"voice": "nobody"}, 400, "voice"), ({"model": "gpt-5"}, 404, "model"), ({"input": "  "}, 400, "input"),
     ({"response_format": "ogg"}, 400, "response_format"), ({"speed": 10}, 400, "speed"),
     ({"input": "x" * 5000}, 400, "input"), ({"stream_format": "ws"}, 400, "stream_format"),
-    ({"temperature": -1}, 400, None), ({"lookahead": 99}, 400, None),
+    ({"temperature": -1}, 400, None), ({"lookahead": 99}, 400, "lookahead"),
     ({"max_new_token": 10**6}, 400, "max_new_token"), ({"seed": -1}, 400, "seed"),
 ])
 def test_errors_in_openai_shape(server, body, status, param):

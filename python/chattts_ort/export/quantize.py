@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QuantizeError
-from ..format import (AUDIO_BLOCKS, MANIFEST, atomic_folder, iter_all_graphs, open_export, rewrite_graph_entries, sha256_file,
-                      tag_graph_file, write_manifest)
+from ..format import (AUDIO_BLOCKS, MANIFEST, atomic_folder, check_output_folder, iter_all_graphs, open_export,
+                      rewrite_graph_entries, sha256_file, tag_graph_file, write_manifest)
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
 ALLOWED = {"embed": ("fp32", "fp16"), "sample": ("fp32",)}  # other blocks take every precision
@@ -206,6 +206,7 @@ def quantize_export(inp, out, plan="int8", block_size: int = 32, force: bool = F
     optimize: save every block as ONNX Runtime's offline-optimised graph too (see optimize_export); None takes
     the plan's "optimize" option (default false)."""
     inp = Path(inp)
+    check_output_folder(out, force)  # before any work: a refused OUT costs nothing
     manifest = open_export(inp)  # as Runtime.load checks it: a tampered folder is refused, not re-hashed
     if manifest.get("shared_weights"):
         raise QuantizeError(f"{inp} has shared weights (pre-packed for one machine); quantize its source instead")
@@ -284,6 +285,7 @@ def optimize_export(inp, out, force: bool = False, progress: bool = True) -> Pat
     """Save every block as ONNX Runtime's offline-optimised graph (ORT_ENABLE_EXTENDED: RMSNorm, GELU/SiLU and
     MatMul fusions; layout-independent, so the files stay portable). Graph IO is unchanged."""
     inp = Path(inp)
+    check_output_folder(out, force)
     manifest = open_export(inp)
     if manifest.get("shared_weights"):
         raise QuantizeError(f"{inp} has shared weights, already optimised")
@@ -338,6 +340,7 @@ def share_weights_export(inp, out, force: bool = False, progress: bool = True) -
     from ..format import block_tag
 
     inp = Path(inp)
+    check_output_folder(out, force)  # before any work: a refused OUT costs nothing
     manifest = open_export(inp)
     if manifest.get("shared_weights"):
         raise QuantizeError(f"{inp} already has shared weights")
