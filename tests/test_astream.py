@@ -111,3 +111,23 @@ def test_astream_codes_equal_stream(rt):
     for row in range(2):
         codes = np.array([f.codes for f in got if f.row == row])
         assert np.array_equal(codes, want.codes[row])
+
+
+def test_close_ends_live_streams_with_generation_error(tiny_export):
+    if "-portable-" in tiny_export.name:
+        pytest.skip("many streams need the fused layer form")
+    r = Runtime.load(tiny_export, threads=1, max_context=256, max_streams=2, queue_frames=4)
+    live = r.stream("一直说。", params=P(1, 200))
+    next(live)
+
+    async def main():
+        agen = r.astream("一直说。", params=P(2, 200))
+        await agen.__anext__()
+        r.close()
+        with pytest.raises(GenerationError):
+            async for _ in agen:
+                pass
+
+    asyncio.run(main())
+    with pytest.raises(GenerationError):
+        list(live)

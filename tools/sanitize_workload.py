@@ -81,7 +81,7 @@ def run(folder: Path) -> int:
         outs = []
 
         def worker(i):
-            text = "hello world " * (1 + 8 * i)
+            text = "你好世界。" * (1 + 8 * i)  # one token a character: up to ~210-token prompts
             for j, f in enumerate(r3.stream(text, params=InferCodeParams(max_new_token=40 + 10 * i, manual_seed=i))):
                 if i == 4 and j == 3:
                     break

@@ -551,17 +551,17 @@ class Runtime:
         try:
             live = dict(enumerate(ids))
             while live:
-                yield from self._pull_rows(live, wait_ms=50)
+                yield from self._pull_rows(scheduler, live, wait_ms=50)
         finally:
             for sid in ids:
                 scheduler.cancel(sid)  # a no-op for streams that ended; frees the row of one that did not
 
-    def _pull_rows(self, live: dict, wait_ms: int) -> list:
+    def _pull_rows(self, scheduler, live: dict, wait_ms: int) -> list:
         """The frames the scheduler has for the streams of `live` (row -> stream id; ended ones are removed).
         Blocks (up to wait_ms, GIL released) only on the first stream, and only when nothing came before it."""
         out = []
         for row, sid in list(live.items()):
-            p = self._scheduler.pull(sid, 0 if out or row != min(live) else wait_ms)
+            p = scheduler.pull(sid, 0 if out or row != min(live) else wait_ms)
             if p.count:
                 codes, hidden, steps = p.codes, p.hidden, p.steps
                 out += [Frame(step=int(steps[j]), codes=codes[j], row=row,
@@ -669,18 +669,19 @@ class Runtime:
         prompts, temps, spk = self._code_prompts(texts, params, speaker)
         g, noise, _ = self._plan(prompts, text_mode=False, temperature=temps, params=params, speaker=spk,
                                  noise=noise, return_hidden=params.return_hidden)
+        scheduler = self._scheduler  # close() drops the attribute; the core object answers with errors after it
         rows = self._submit_rows(prompts, g, noise, params)
         try:
             live, wait = dict(enumerate(rows)), POLL_MIN_S
             while live:
-                frames = self._pull_rows(live, wait_ms=0)
+                frames = self._pull_rows(scheduler, live, wait_ms=0)
                 for f in frames:
                     yield f
                 wait = POLL_MIN_S if frames else min(2 * wait, POLL_MAX_S)
                 await asyncio.sleep(0 if frames else wait)
         finally:
             for sid in rows:
-                self._scheduler.cancel(sid)
+                scheduler.cancel(sid)
 
     def generate(self, text, params: Optional[InferCodeParams] = None, speaker: SpeakerLike = None,
                  noise: Optional[np.ndarray] = None, **text_options) -> Generation:
@@ -820,7 +821,7 @@ class Runtime:
             while audio:
                 came = False
                 before = set(gpt)
-                for f in self._pull_rows(gpt, wait_ms=0):
+                for f in self._pull_rows(scheduler, gpt, wait_ms=0):
                     came = True
                     call(engine.push, voices[f.row], f.hidden[None])
                 for row in before - set(gpt):
