@@ -125,6 +125,20 @@ POLL_MAX_S = 0.02
 _LIVE: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 
 
+async def _threaded(make, *args, **kwargs):
+    """The iterator make(*args, **kwargs), made and stepped in worker threads, as an async iterator: the
+    single-generation path of the async calls (each step runs in the consumer's thread there)."""
+    import asyncio
+
+    it = await asyncio.to_thread(make, *args, **kwargs)
+    done = object()
+    try:
+        while (item := await asyncio.to_thread(next, it, done)) is not done:
+            yield item
+    finally:
+        await asyncio.to_thread(it.close)
+
+
 _DEFAULT = object()  # Runtime.normalizer not chosen yet: the default front-end, made on first use
 
 
@@ -655,22 +669,10 @@ class Runtime:
         import asyncio
 
         if self._scheduler is None:
-            frames = await asyncio.to_thread(self.stream, text, params, speaker, noise, **text_options)
-            done = object()
-            try:
-                while (frame := await asyncio.to_thread(next, frames, done)) is not done:
-                    yield frame
-            finally:
-                await asyncio.to_thread(frames.close)
+            async for frame in _threaded(self.stream, text, params, speaker, noise, **text_options):
+                yield frame
             return
-        params = params or InferCodeParams()
-        params.validate()
-        texts = await asyncio.to_thread(self.prepare_text, text, **text_options)
-        prompts, temps, spk = self._code_prompts(texts, params, speaker)
-        g, noise, _ = self._plan(prompts, text_mode=False, temperature=temps, params=params, speaker=spk,
-                                 noise=noise, return_hidden=params.return_hidden)
-        scheduler = self._scheduler  # close() drops the attribute; the core object answers with errors after it
-        rows = self._submit_rows(prompts, g, noise, params)
+        scheduler, rows = await self._asubmit(text, params or InferCodeParams(), speaker, noise, text_options)
         try:
             live, wait = dict(enumerate(rows)), POLL_MIN_S
             while live:
@@ -759,6 +761,19 @@ class Runtime:
         frames = self.stream(texts, params, speaker, noise, normalize=False)
         return self._audio_chunks(engine, frames, B, L, chunk, dtype)
 
+    async def _asubmit(self, text, params: InferCodeParams, speaker, noise, text_options: dict):
+        """The rows of an async request queued in the scheduler at once (the front-end in a worker thread):
+        (the scheduler, the stream ids). The scheduler is returned because close() drops the attribute while
+        the core object goes on answering, with errors."""
+        import asyncio
+
+        params.validate()
+        texts = await asyncio.to_thread(self.prepare_text, text, **text_options)
+        prompts, temps, spk = self._code_prompts(texts, params, speaker)
+        g, noise, _ = self._plan(prompts, text_mode=False, temperature=temps, params=params, speaker=spk,
+                                 noise=noise, return_hidden=params.return_hidden)
+        return self._scheduler, self._submit_rows(prompts, g, noise, params)
+
     def _audio_options(self, lookahead, chunk_frames, dtype):
         exact = self.exact_lookahead
         L = exact if lookahead is None else check_int("lookahead", lookahead, 0, exact)
@@ -793,25 +808,15 @@ class Runtime:
         import dataclasses
 
         if self._scheduler is None:  # one generation at a time, stepped in the consumer's thread
-            chunks = await asyncio.to_thread(self.stream_audio, text, params, speaker, lookahead, chunk_frames,
-                                             dtype, noise, **text_options)
-            done = object()
-            try:
-                while (ch := await asyncio.to_thread(next, chunks, done)) is not done:
-                    yield ch
-            finally:
-                await asyncio.to_thread(chunks.close)
+            async for ch in _threaded(self.stream_audio, text, params, speaker, lookahead, chunk_frames, dtype,
+                                      noise, **text_options):
+                yield ch
             return
         engine = self._require_audio()
         L, chunk = self._audio_options(lookahead, chunk_frames, dtype)
         params = dataclasses.replace(params or InferCodeParams(), return_hidden=True)
-        params.validate()
-        texts = await asyncio.to_thread(self.prepare_text, text, **text_options)
-        prompts, temps, spk = self._code_prompts(texts, params, speaker)
-        g, noise, _ = self._plan(prompts, text_mode=False, temperature=temps, params=params, speaker=spk,
-                                 noise=noise, return_hidden=True)
-        scheduler, call = self._scheduler, self._engine_call
-        rows = self._submit_rows(prompts, g, noise, params)
+        scheduler, rows = await self._asubmit(text, params, speaker, noise, text_options)
+        call = self._engine_call
         voices = []
         try:
             for _ in rows:

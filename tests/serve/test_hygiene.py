@@ -4,7 +4,6 @@ half-sent requests past the connection cap (/health still answers; they close af
 request head refused at once, a huge body refused with 413 without being read, a short body timed out, the input
 and context limits, max_streams 1 giving one stream, and start-up refusing each bad setting."""
 import socket
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 from chattts_ort import cli  # noqa: E402
 from chattts_ort.server import guarded_protocol, load_server  # noqa: E402
 
-from .test_server import _free_port  # noqa: E402
+from .test_server import ThreadedUvicorn  # noqa: E402
 
 KEY = "sk-test-0123456789"
 CAP = 32  # connections
@@ -30,7 +29,7 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-class GuardedServer:
+class GuardedServer(ThreadedUvicorn):
     """`serve`'s own stack (load_server + the guarded h11 protocol) in a thread, on a free loopback port."""
 
     def __init__(self, export, **settings):
@@ -38,22 +37,11 @@ class GuardedServer:
         settings.setdefault("max_streams", 2)
         settings.setdefault("max_context", 256)
         self.rt, app = load_server(str(export), **settings)
-        self.port = _free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
-                                http=guarded_protocol(CAP, 16384, HEADER_TIMEOUT), timeout_keep_alive=5,
-                                h11_max_incomplete_event_size=16384)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(app, log_level="critical", http=guarded_protocol(CAP, 16384, HEADER_TIMEOUT),
+                         timeout_keep_alive=5, h11_max_incomplete_event_size=16384)
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().stop()
         self.rt.close()
 
 

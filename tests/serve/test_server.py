@@ -27,12 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    def __init__(self, rt, **kw):
-        self.rt = rt
+class ThreadedUvicorn:
+    """An ASGI app served by uvicorn in a thread on a free loopback port (config: more uvicorn.Config options)."""
+
+    def __init__(self, app, **config):
         self.port = _free_port()
-        app = create_app(rt, **kw)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        config.setdefault("log_level", "error")
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 20
@@ -44,6 +45,12 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class Server(ThreadedUvicorn):
+    def __init__(self, rt, **kw):
+        self.rt = rt
+        super().__init__(create_app(rt, **kw))
 
 
 @pytest.fixture(scope="module")
